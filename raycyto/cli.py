@@ -1,0 +1,31 @@
+"""The ``raycyto`` command. Each pipeline stage contributes its own sub-commands."""
+
+from __future__ import annotations
+
+import typer
+
+from raycyto.analysis import cli as analysis_cli
+from raycyto.data import cli as data_cli
+from raycyto.models import cli as models_cli
+from raycyto.serve import cli as serve_cli
+from raycyto.synth import cli as synth_cli
+from raycyto.tune import cli as tune_cli
+
+app = typer.Typer(
+    name="raycyto",
+    help="Train, evaluate and serve karyogram and leukemia-smear classifiers on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(synth_cli.app, name="synth")
+app.add_typer(data_cli.app, name="data")
+app.add_typer(models_cli.app, name="models")
+app.command("sweep")(tune_cli.sweep)
+app.command("report")(analysis_cli.report)
+app.command("export")(serve_cli.export)
+app.command("serve")(serve_cli.serve)
+app.command("predict")(serve_cli.predict)
+
+
+if __name__ == "__main__":
+    app()

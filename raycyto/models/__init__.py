@@ -1,0 +1,1 @@
+"""raycyto.models"""

@@ -1,0 +1,10 @@
+"""Placeholder: the owner of raycyto/models replaces this module."""
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="(not built yet)")
+
+
+@app.command("todo")
+def todo() -> None:
+    """Not built yet."""
+    raise typer.Exit(1)
