@@ -1,0 +1,419 @@
+"""Typed sweep configuration: frozen dataclasses loaded from YAML (or a dict).
+
+Every field is checked once, here; an unknown or invalid field raises
+``ConfigError("section.field", message)`` naming the field and what is expected.
+
+Example::
+
+    cfg = load_config("jobs/configs/demo.yaml")
+    cfg.grid.backbones        # ('efficientnet_lite0', ...)
+    dump_config(cfg, exp_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from raycyto.errors import ConfigError
+
+#: Metrics a trial reports per split; ``val_<m>`` selects epochs and drives the search.
+METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auc")
+#: Fine-tuning modes (mirrors ``raycyto.models.FINETUNE_MODES``; checked against it when present).
+FINETUNE_MODES = ("frozen", "last1", "last2", "full")
+OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("cross_entropy",)
+
+
+def metric_mode(metric: str) -> str:
+    """Return "min" for loss metrics and "max" for the others (``val_loss`` -> "min")."""
+    return "min" if metric.endswith("loss") else "max"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Arguments for ``raycyto.synth.generate`` when ``data.source == "synthetic"``."""
+
+    task: str = "karyogram"
+    patients: int = 60
+    per_patient: int = 2
+    seed: int = 0
+    size: Optional[int] = 416
+    abnormal_fraction: Optional[float] = None
+
+    def _check(self, prefix: str) -> None:
+        _positive(self, prefix, "patients", "per_patient")
+        if self.size is not None and self.size < 16:
+            raise ConfigError(f"{prefix}.size", f"expected >= 16 pixels, got {self.size}")
+        if self.abnormal_fraction is not None and not 0 < self.abnormal_fraction < 1:
+            raise ConfigError(f"{prefix}.abnormal_fraction",
+                              f"expected 0 < value < 1, got {self.abnormal_fraction}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are decoded, augmented and balanced."""
+
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    classes: Optional[tuple[str, ...]] = None
+    positive_class: Optional[str] = None
+    image_size: int = 224
+    input_size: Optional[int] = None
+    policy: str = "none"
+    copies: int = 1
+    equalize: bool = False
+    class_weights: bool = False
+
+    def _check(self, prefix: str) -> None:
+        if not self.source:
+            raise ConfigError(f"{prefix}.source", "expected a path, URI or 'synthetic'")
+        _positive(self, prefix, "image_size", "copies")
+        if self.input_size is not None and self.input_size < 16:
+            raise ConfigError(f"{prefix}.input_size", f"expected >= 16 or null, got {self.input_size}")
+        if self.classes is not None:
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"{prefix}.classes",
+                                  f"expected at least 2 distinct class names, got {list(self.classes)}")
+            if self.positive_class is not None and self.positive_class not in self.classes:
+                raise ConfigError(f"{prefix}.positive_class",
+                                  f"{self.positive_class!r} is not one of data.classes {list(self.classes)}")
+        try:
+            from raycyto.data.augment import POLICIES
+        except ImportError:  # data package not installed yet: policy checked when used
+            return
+        if self.policy not in POLICIES:
+            raise ConfigError(f"{prefix}.policy",
+                              f"unknown policy {self.policy!r}; known: {sorted(POLICIES)}")
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """Group-aware stratified k-fold cross-validation."""
+
+    folds: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def _check(self, prefix: str) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"{prefix}.folds", f"expected >= 2, got {self.folds}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"{prefix}.val_fraction", f"expected 0 < value < 1, got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The (backbone, finetune, head) cells; every cell runs on every fold."""
+
+    backbones: tuple[str, ...] = ("efficientnet_lite0",)
+    finetune: tuple[str, ...] = ("frozen",)
+    heads: tuple[str, ...] = ("a",)
+    head_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """All (backbone, finetune, head) cells in config order."""
+        return [(b, f, h) for b in self.backbones for f in self.finetune for h in self.heads]
+
+    def _check(self, prefix: str) -> None:
+        for name in ("backbones", "finetune", "heads"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"{prefix}.{name}", "expected a non-empty list")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{prefix}.{name}", f"duplicate entries in {list(values)}")
+        for mode in self.finetune:
+            if mode not in FINETUNE_MODES:
+                raise ConfigError(f"{prefix}.finetune",
+                                  f"unknown mode {mode!r}; known: {list(FINETUNE_MODES)}")
+        for head in self.head_kwargs:
+            if head not in self.heads:
+                raise ConfigError(f"{prefix}.head_kwargs.{head}", f"head {head!r} is not in grid.heads")
+        try:
+            from raycyto.models.heads import HEADS
+            from raycyto.models.registry import BACKBONES
+        except ImportError:  # models package not installed yet: names checked when used
+            return
+        for name, known, values in (("backbones", BACKBONES, self.backbones), ("heads", HEADS, self.heads)):
+            for value in values:
+                if value not in known:
+                    raise ConfigError(f"{prefix}.{name}", f"unknown {name[:-1]} {value!r}; known: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Bayesian search over (lr, batch_size) inside every grid cell."""
+
+    algorithm: str = "optuna"
+    samples: int = 4
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    batch_size: tuple[int, ...] = (16, 32)
+    metric: str = "val_accuracy"
+    mode: Optional[str] = None  # null -> "min" for losses, "max" otherwise
+    seed: int = 0
+
+    @property
+    def resolved_mode(self) -> str:
+        """``mode`` or the natural direction of ``metric``."""
+        return self.mode or metric_mode(self.metric)
+
+    def _check(self, prefix: str) -> None:
+        from raycyto.tune.search import SEARCHERS  # light: no Ray import
+
+        if self.algorithm not in SEARCHERS:
+            raise ConfigError(f"{prefix}.algorithm",
+                              f"unknown algorithm {self.algorithm!r}; known: {sorted(SEARCHERS)}")
+        _positive(self, prefix, "samples")
+        low, high = self.lr
+        if not (0 < low < high):
+            raise ConfigError(f"{prefix}.lr", f"expected [low, high] with 0 < low < high, got {list(self.lr)}")
+        if not self.batch_size or any(b < 1 for b in self.batch_size):
+            raise ConfigError(f"{prefix}.batch_size",
+                              f"expected a non-empty list of positive ints, got {list(self.batch_size)}")
+        _check_metric(f"{prefix}.metric", self.metric)
+        if self.mode not in (None, "min", "max"):
+            raise ConfigError(f"{prefix}.mode", f"expected 'min', 'max' or null, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Per-fold training of a head (frozen) or backbone + head (fine-tuning)."""
+
+    epochs: int = 10
+    optimizer: str = "adam"
+    loss: str = "cross_entropy"
+    select_metric: str = "val_accuracy"
+    weight_decay: float = 0.0
+    patience: Optional[int] = None  # stop after this many epochs without improvement
+
+    def _check(self, prefix: str) -> None:
+        _positive(self, prefix, "epochs")
+        _choice(prefix, "optimizer", self.optimizer, OPTIMIZERS)
+        _choice(prefix, "loss", self.loss, LOSSES)
+        _check_metric(f"{prefix}.select_metric", self.select_metric)
+        if self.weight_decay < 0:
+            raise ConfigError(f"{prefix}.weight_decay", f"expected >= 0, got {self.weight_decay}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"{prefix}.patience", f"expected >= 1 or null, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each trial and the feature actors request from Ray."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: Optional[int] = None  # null -> as many as the cluster fits
+    feature_actors: int = 1
+    feature_batch_size: int = 32
+    max_failures: int = 2
+
+    def _check(self, prefix: str) -> None:
+        if self.cpus_per_trial <= 0:
+            raise ConfigError(f"{prefix}.cpus_per_trial", f"expected > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial)):
+            raise ConfigError(f"{prefix}.gpus_per_trial",
+                              f"expected 0, a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"{prefix}.max_concurrent", f"expected >= 1 or null, got {self.max_concurrent}")
+        _positive(self, prefix, "feature_actors", "feature_batch_size")
+        if self.max_failures < 0:
+            raise ConfigError(f"{prefix}.max_failures", f"expected >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class MCConfig:
+    """Monte-Carlo dropout at prediction time."""
+
+    passes: int = 100
+    threshold: float = 0.8
+
+    def _check(self, prefix: str) -> None:
+        _positive(self, prefix, "passes")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"{prefix}.threshold", f"expected 0 < value <= 1, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A whole sweep: data, cross-validation, grid, search, training, resources, MC, storage."""
+
+    name: str = "sweep"
+    data: DataConfig = field(default_factory=DataConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    mc: MCConfig = field(default_factory=MCConfig)
+    storage: str = "./experiments"
+
+    def _check(self, prefix: str) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"expected a non-empty name without '/', got {self.name!r}")
+
+    def replace(self, **sections: Any) -> "SweepConfig":
+        """A copy with whole sections or dotted fields replaced: ``cfg.replace(**{"data.source": p})``."""
+        raw = to_dict(self)
+        for key, value in sections.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return load_config(raw)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _positive(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            raise ConfigError(f"{prefix}.{name}", f"expected a positive integer, got {value}")
+
+
+def _choice(prefix: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{prefix}.{name}", f"expected one of {list(choices)}, got {value!r}")
+
+
+def _check_metric(field_name: str, value: str) -> None:
+    known = [f"val_{m}" for m in METRICS]
+    if value not in known:
+        raise ConfigError(field_name, f"expected one of {known}, got {value!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(where, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(where, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(where, f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(where, f"expected a list of {len(args)} values, got {list(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(where, f"expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {where}")  # a bug in this module
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix or "config", f"expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_join(prefix, str(key)), f"unknown field; known fields: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, _join(prefix, k)) for k, v in raw.items()}
+    obj = cls(**kwargs)
+    obj._check(prefix)
+    return obj
+
+
+def load_config(source: Union[str, Path, Mapping[str, Any]]) -> SweepConfig:
+    """Load and validate a sweep config.
+
+    Args:
+        source: a YAML file path or an already parsed mapping.
+
+    Returns:
+        The frozen ``SweepConfig``.
+
+    Raises:
+        ConfigError: naming the first unknown or invalid field (``search.lr``).
+    """
+    import yaml
+
+    if isinstance(source, Mapping):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("config", f"file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+    return _build(SweepConfig, raw, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain (YAML-safe) dict of a config; tuples become lists."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(cfg)
+
+
+def dump_config(cfg: SweepConfig, path: Union[str, Path]) -> Path:
+    """Write the resolved config as YAML; ``load_config`` of the file gives back ``cfg``.
+
+    Args:
+        cfg: the config.
+        path: destination file.
+
+    Returns:
+        The path written.
+    """
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
