@@ -1,0 +1,145 @@
+"""Pure classification metrics, each a thin wrapper over scikit-learn.
+
+Conventions (so every number can be recomputed from predictions.parquet):
+- binary tasks (C == 2): precision / recall / F1 of the positive class
+  (``average="binary", pos_label=positive``); AUC = ``roc_auc_score(y == positive, p_positive)``.
+- multiclass: macro averages over all C classes (``labels=range(C)``); AUC =
+  ``roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=range(C))``.
+- ``zero_division=0`` everywhere: a class never predicted has precision 0, not a crash.
+- An undefined AUC (a fold with one class) is NaN with a note, never an exception.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+SUMMARY_METRICS = ("accuracy", "precision", "recall", "f1", "auc")
+
+
+def _prf(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
+         positive: int | None) -> tuple[float, float, float]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    if num_classes == 2:
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=[0, 1], pos_label=positive, average="binary", zero_division=0)
+    else:
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=list(range(num_classes)), average="macro", zero_division=0)
+    return float(p), float(r), float(f)
+
+
+def auc_score(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> tuple[float, str]:
+    """ROC AUC; binary on the positive column, multiclass one-vs-rest macro.
+
+    Args:
+        y_true: [N] int labels.
+        probs: [N, C] class probabilities.
+        positive: positive class index (used when C == 2).
+
+    Returns:
+        (auc, note): auc is NaN and note says why when AUC is undefined.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    num_classes = probs.shape[1]
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan"), f"AUC undefined: only class {present.tolist()} present"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if num_classes == 2:
+                auc = roc_auc_score(y_true == positive, probs[:, positive])
+            else:
+                auc = roc_auc_score(y_true, probs, multi_class="ovr", average="macro",
+                                    labels=list(range(num_classes)))
+    except ValueError as exc:
+        return float("nan"), f"AUC undefined: {exc}"
+    if np.isnan(auc):
+        return float("nan"), "AUC undefined: a class is absent from this fold"
+    return float(auc), ""
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray,
+                           positive: int | None) -> tuple[dict[str, float], list[str]]:
+    """accuracy, precision, recall, f1, auc of one set of predictions.
+
+    Args:
+        y_true: [N] int labels; y_pred: [N] int predictions; probs: [N, C].
+        positive: positive class index (binary tasks).
+
+    Returns:
+        ({metric: value}, notes).
+    """
+    from sklearn.metrics import accuracy_score
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    probs = np.asarray(probs, dtype=float)
+    num_classes = probs.shape[1]
+    p, r, f = _prf(y_true, y_pred, num_classes, positive)
+    auc, note = auc_score(y_true, probs, positive)
+    values = {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": p,
+              "recall": r, "f1": f, "auc": auc}
+    return values, [note] if note else []
+
+
+def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Per class precision / recall / F1 / support.
+
+    Returns:
+        DataFrame with columns class, precision, recall, f1, support (one row per class).
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, s = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(class_names))), average=None, zero_division=0)
+    return pd.DataFrame({"class": class_names, "precision": p, "recall": r, "f1": f,
+                         "support": s})
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
+              normalize: bool = False) -> np.ndarray:
+    """Confusion matrix [C, C] (rows = actual, columns = predicted); row-normalised on request.
+
+    Rows of classes absent from y_true are 0 when normalised (not NaN).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+    if not normalize:
+        return cm
+    rows = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+
+
+def recall_of(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
+              positive: int | None) -> float:
+    """Positive-class recall when a positive class is given, else macro recall (NaN if empty)."""
+    from sklearn.metrics import recall_score
+
+    if len(y_true) == 0:
+        return float("nan")
+    if positive is not None:
+        if not (np.asarray(y_true) == positive).any():
+            return float("nan")
+        return float(recall_score(np.asarray(y_true) == positive, np.asarray(y_pred) == positive,
+                                  zero_division=0))
+    # Macro over the classes present among these cases: a class absent from a kept subset
+    # has no recall to speak of (sklearn would count it as 0 with labels=range(C)).
+    return float(recall_score(y_true, y_pred, labels=np.unique(y_true), average="macro",
+                              zero_division=0))
+
+
+# Metric registry for selection: name -> (function(y, pred, probs, positive) -> float, higher_is_better).
+SelectFn = Callable[[np.ndarray, np.ndarray, np.ndarray, "int | None"], float]
+SELECT_METRICS: dict[str, tuple[SelectFn | None, bool]] = {
+    **{m: ((lambda y, yp, pr, pos, _m=m: classification_metrics(y, yp, pr, pos)[0][_m]), True)
+       for m in SUMMARY_METRICS},
+    "loss": (None, False),   # only in results.csv (val_loss): lower is better
+}
