@@ -1,0 +1,185 @@
+"""PNG figures for the report. Each function draws one figure into ``path`` and returns it.
+
+Uses ``matplotlib.figure.Figure`` directly (Agg canvas, no pyplot global state), small
+figures at a modest dpi so a report renders in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DPI = 80
+CURVE_METRICS = ("loss", "accuracy", "precision", "recall", "auc")
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes.ravel()
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def confusion_plot(counts: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
+    """Counts and row-normalised confusion matrix side by side.
+
+    Args:
+        counts: [C, C] int, rows = actual, columns = predicted.
+    """
+    rows = counts.sum(axis=1, keepdims=True)
+    norm = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    c = len(class_names)
+    fig, axes = _figure(3.2 * 2 + 0.4 * c, 2.6 + 0.3 * c, ncols=2)
+    for ax, mat, sub, fmt in ((axes[0], counts, "counts", "d"),
+                              (axes[1], norm, "row-normalised", ".2f")):
+        ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if mat.max() > 0 else 1)
+        for i in range(c):
+            for j in range(c):
+                ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=8,
+                        color="white" if mat[i, j] > 0.6 * mat.max() else "black")
+        ax.set_xticks(range(c), class_names, rotation=45, fontsize=8)
+        ax.set_yticks(range(c), class_names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(sub, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def roc_plot(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], positive: int | None,
+             title: str, path: Path, folds: np.ndarray | None = None) -> Path:
+    """ROC curves: binary (pooled + one thin line per fold) or one-vs-rest per class.
+
+    Args:
+        y_true: [N] ints; probs: [N, C]; folds: [N] fold of each case (binary per-fold lines).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, (ax,) = _figure(4.6, 4.0)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    if len(class_names) == 2:
+        targets = [(positive, "pooled", 2.0)]
+        if folds is not None:
+            targets += [(positive, f"fold {k}", 0.8) for k in np.unique(folds)]
+    else:
+        targets = [(k, f"{name} vs rest", 1.5) for k, name in enumerate(class_names)]
+    for k, label, lw in targets:
+        mask = np.ones(len(y_true), bool) if not label.startswith("fold") else \
+            folds == int(label.split()[1])
+        y = y_true[mask] == k
+        if y.all() or not y.any():
+            ax.plot([], [], label=f"{label} (AUC n/a: one class)")
+            continue
+        fpr, tpr, _ = roc_curve(y, probs[mask, k])
+        ax.plot(fpr, tpr, lw=lw, label=f"{label} (AUC {roc_auc_score(y, probs[mask, k]):.3f})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def training_curves_plot(histories: dict[int, pd.DataFrame], title: str, path: Path) -> Path:
+    """Per-epoch train (solid) and validation (dashed) curves, one colour per fold."""
+    fig, axes = _figure(13, 2.8, ncols=len(CURVE_METRICS))
+    for ax, m in zip(axes, CURVE_METRICS):
+        for i, (fold, h) in enumerate(sorted(histories.items())):
+            x = h["epoch"] if "epoch" in h else np.arange(1, len(h) + 1)
+            for split, ls in (("train", "-"), ("val", "--")):
+                if f"{split}_{m}" in h:
+                    ax.plot(x, h[f"{split}_{m}"], ls=ls, color=f"C{i}",
+                            label=f"{split} fold {fold}")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{title} (solid: train, dashed: validation)", fontsize=10)
+    return _save(fig, path)
+
+
+def hpo_scatter_plot(hpo: pd.DataFrame, path: Path) -> Path:
+    """Validation loss against learning rate (log x) and batch size, coloured by val accuracy."""
+    fig, axes = _figure(9, 3.6, ncols=2)
+    color = pd.to_numeric(hpo.get("val_accuracy", pd.Series(np.nan, index=hpo.index)),
+                          errors="coerce")
+    loss = pd.to_numeric(hpo.get("val_loss", pd.Series(np.nan, index=hpo.index)), errors="coerce")
+    for ax, col in zip(axes, ("lr", "batch_size")):
+        sc = ax.scatter(pd.to_numeric(hpo[col], errors="coerce"), loss, c=color, cmap="viridis",
+                        edgecolors="k", linewidths=0.4, s=30)
+        if col == "lr":
+            ax.set_xscale("log")
+        ax.set_xlabel("learning rate" if col == "lr" else "batch size")
+        ax.set_ylabel("validation loss")
+    fig.colorbar(sc, ax=axes[1], label="validation accuracy")
+    fig.suptitle("search samples", fontsize=10)
+    return _save(fig, path)
+
+
+def reliability_plot(curves: dict[str, tuple[pd.DataFrame, float]], title: str, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin; ECE in the legend.
+
+    Args:
+        curves: {name: (bins from uncertainty.reliability_bins, ece)}.
+    """
+    fig, (ax,) = _figure(4.6, 4.0)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="perfect calibration")
+    for name, (bins, ece) in curves.items():
+        ax.plot(bins["confidence"], bins["accuracy"], marker="o", label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def referral_plot(curve: pd.DataFrame, threshold: float, at_threshold: dict[str, float],
+                  recall_name: str, title: str, path: Path) -> Path:
+    """Accuracy and recall on kept cases against the share kept; configured threshold marked.
+
+    Args:
+        curve: uncertainty.referral_curve output.
+        at_threshold: {"kept_share", "accuracy_kept", "recall_kept"} at the configured threshold.
+    """
+    fig, (ax,) = _figure(5.0, 4.0)
+    ax.plot(curve["kept_share"], curve["accuracy_kept"], marker=".", label="accuracy on kept")
+    ax.plot(curve["kept_share"], curve["recall_kept"], marker=".", label=f"{recall_name} on kept")
+    x = at_threshold["kept_share"]
+    ax.axvline(x, color="red", ls=":", lw=1.2,
+               label=f"threshold {threshold:g}: {1 - x:.0%} referred")
+    for key in ("accuracy_kept", "recall_kept"):
+        ax.plot([x], [at_threshold[key]], "o", color="red", ms=5)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("share of cases kept (not referred)")
+    ax.set_ylabel("score on kept cases")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def comparison_plot(summary: pd.DataFrame, metrics: tuple[str, ...], path: Path) -> Path:
+    """Grouped bars: test fold mean per configuration and metric, std as error bars."""
+    n = len(summary)
+    fig, (ax,) = _figure(max(6.0, 1.2 * len(metrics) * max(n, 1) * 0.45 + 2), 4.0)
+    width = 0.8 / max(n, 1)
+    x = np.arange(len(metrics))
+    for i, row in enumerate(summary.itertuples(index=False)):
+        means = [getattr(row, f"{m}_mean") for m in metrics]
+        stds = np.nan_to_num([getattr(row, f"{m}_std") for m in metrics])
+        ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=stds, capsize=2,
+               label=row.config + (" (selected)" if row.best else ""))
+    ax.set_xticks(x, metrics)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test fold mean ± std")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("configurations compared", fontsize=9)
+    return _save(fig, path)

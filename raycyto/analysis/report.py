@@ -1,0 +1,158 @@
+"""Write every table (CSV), figure (PNG) and report.html for one experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from raycyto.analysis import plots
+from raycyto.analysis.html import Section, render_html
+from raycyto.analysis.load import Experiment, load_experiment
+from raycyto.analysis.metrics import SUMMARY_METRICS, confusion, recall_of
+from raycyto.analysis.tables import (default_metric, folds_table, hpo_table, mispredictions_table,
+                                     per_class_table, select_best, selection_table, summary_table,
+                                     threshold_for_recall)
+from raycyto.analysis.uncertainty import (expected_calibration_error, referral_curve,
+                                          reliability_bins, top_label)
+
+
+def _figure_jobs(exp: Experiment, best: pd.Series, summary: pd.DataFrame, hpo: pd.DataFrame,
+                 out: Path) -> list[tuple[str, str, Callable[[], Path]]]:
+    """(file name, caption, draw) for every figure; drawing is deferred for the progress bar."""
+    test = exp.test_predictions
+    test = test[test["trial_id"] == best["trial_id"]]
+    y = test["label"].to_numpy()                                   # [N]
+    probs = test[exp.prob_columns].to_numpy(dtype=float)           # [N, C]
+    names, c, cfg = exp.class_names, exp.num_classes, best["config"]
+    jobs: list[tuple[str, str, Callable[[], Path]]] = []
+    if len(test):
+        jobs.append(("confusion_all.png", f"confusion matrix, {cfg}, all test folds",
+                     lambda: plots.confusion_plot(confusion(y, test["pred"].to_numpy(), c), names,
+                                                  f"{cfg}: all test folds", out / "confusion_all.png")))
+        for fold, g in test.groupby("fold"):
+            name = f"confusion_fold{fold}.png"
+            jobs.append((name, f"confusion matrix, {cfg}, test fold {fold}",
+                         lambda g=g, fold=fold, name=name: plots.confusion_plot(
+                             confusion(g["label"].to_numpy(), g["pred"].to_numpy(), c), names,
+                             f"{cfg}: test fold {fold}", out / name)))
+        jobs.append(("roc.png", f"ROC, {cfg}, test" + ("" if exp.binary else " (one-vs-rest)"),
+                     lambda: plots.roc_plot(y, probs, names, exp.positive, f"{cfg}: test ROC",
+                                            out / "roc.png", folds=test["fold"].to_numpy())))
+
+        def reliability() -> Path:
+            curves = {}
+            sources = {"softmax": exp.prob_columns}
+            if set(exp.mc_mean_columns) <= set(test.columns):
+                sources["MC mean"] = exp.mc_mean_columns
+            for label, cols in sources.items():
+                correct, conf = top_label(test[cols].to_numpy(dtype=float), y)
+                curves[label] = (reliability_bins(correct, conf),
+                                 expected_calibration_error(correct, conf))
+            return plots.reliability_plot(curves, f"{cfg}: reliability, test",
+                                          out / "reliability.png")
+
+        jobs.append(("reliability.png", f"reliability diagram with ECE, {cfg}, test", reliability))
+
+        def referral() -> Path:
+            mc = test["mc_label"].to_numpy()
+            curve = referral_curve(y, mc, test["mc_confidence"].to_numpy(), c, exp.positive)
+            kept = ~test["refer"].to_numpy(dtype=bool)
+            at = {"kept_share": float(kept.mean()),
+                  "accuracy_kept": float(np.mean(y[kept] == mc[kept])) if kept.any() else np.nan,
+                  "recall_kept": recall_of(y[kept], mc[kept], c, exp.positive)}
+            recall_name = f"{names[exp.positive]} recall" if exp.positive is not None \
+                else "macro recall"
+            return plots.referral_plot(curve, exp.threshold, at, recall_name,
+                                       f"{cfg}: referral by MC confidence, test",
+                                       out / "referral.png")
+
+        jobs.append(("referral.png", f"referral curve, {cfg}, test (configured threshold marked)",
+                     referral))
+    histories = exp.history(best["trial_id"])
+    if histories:
+        jobs.append(("training_curves.png", f"training curves per epoch, {cfg}",
+                     lambda: plots.training_curves_plot(histories, cfg, out / "training_curves.png")))
+    jobs.append(("hpo_scatter.png", "search samples: validation loss vs learning rate and batch size",
+                 lambda: plots.hpo_scatter_plot(hpo, out / "hpo_scatter.png")))
+    jobs.append(("comparison.png", "configurations compared on test folds (mean ± std)",
+                 lambda: plots.comparison_plot(summary, SUMMARY_METRICS, out / "comparison.png")))
+    return jobs
+
+
+def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
+                 target_recall: float | None = None, progress: bool = False) -> Path:
+    """Write summary/per_class/folds/hpo/mispredictions/selection CSVs, PNG figures and report.html.
+
+    Args:
+        exp_dir: experiment directory written by ``raycyto sweep``.
+        out_dir: where to write (default ``exp_dir/report``).
+        metric: validation metric selecting the trial per cell and the best configuration
+            (default: positive-class recall for binary tasks, macro F1 otherwise).
+        target_recall: also write thresholds.csv with the smallest MC threshold reaching this
+            recall on validation predictions, its referral rate, and what it gives on test.
+        progress: rich progress bars.
+
+    Returns:
+        Path of report.html.
+    """
+    exp = load_experiment(exp_dir, progress=progress)
+    out = Path(out_dir) if out_dir is not None else Path(exp_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metric = metric or default_metric(exp)
+
+    selection = selection_table(exp, metric)
+    best = select_best(exp, metric)
+    summary = summary_table(exp, metric)
+    tables = {"summary": summary, "per_class": per_class_table(exp, metric),
+              "folds": folds_table(exp, metric), "hpo": hpo_table(exp, metric),
+              "mispredictions": mispredictions_table(exp, metric), "selection": selection}
+    if target_recall is not None:
+        tables["thresholds"] = threshold_for_recall(exp, target_recall, metric)
+    for name, df in tables.items():
+        df.to_csv(out / f"{name}.csv", index=False)
+
+    jobs = _figure_jobs(exp, best, summary, tables["hpo"], out)
+    if progress:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("drawing figures", total=len(jobs))
+            for _, _, draw in jobs:
+                draw()
+                bar.advance(task)
+    else:
+        for _, _, draw in jobs:
+            draw()
+
+    is_best = lambda df: (df["config"] == best["config"]).to_numpy()  # noqa: E731
+    sections = [
+        Section("summary: test folds of the trial selected per configuration", summary,
+                summary["best"].to_numpy(),
+                f"selected on validation {metric} only; highlighted: best configuration. "
+                "Binary: positive-class precision/recall/F1; multiclass: macro averages. "
+                "std = sample std over folds."),
+    ]
+    if "thresholds" in tables:
+        sections.append(Section(f"threshold for recall {target_recall:g} (chosen on validation)",
+                                tables["thresholds"], tables["thresholds"]["best"].to_numpy()))
+    sections += [
+        Section("per class", tables["per_class"], is_best(tables["per_class"])
+                if len(tables["per_class"]) else None),
+        Section("folds", tables["folds"], is_best(tables["folds"]) if len(tables["folds"]) else None),
+        Section("search samples (validation only)", tables["hpo"],
+                tables["hpo"]["selected"].to_numpy(), "highlighted: the sample selected per cell"),
+        Section("mispredictions (MC vote wrong), selected configurations", tables["mispredictions"],
+                is_best(tables["mispredictions"]) if len(tables["mispredictions"]) else None),
+    ]
+    notes = [f"experiment: {exp.exp_dir}",
+             f"best configuration on validation {metric}: {best['config']} "
+             f"(trial {best['trial_id']}, validation {metric} {best['val_score']:.4g})"]
+    page = render_html(exp, f"raycyto report: {exp.meta.get('task', '')} "
+                            f"({', '.join(exp.class_names)})", sections,
+                       [(name, caption) for name, caption, _ in jobs], notes)
+    path = out / "report.html"
+    path.write_text(page)
+    return path
