@@ -1,0 +1,182 @@
+"""Classification heads on pooled backbone features ``[N, D] -> logits [N, C]``.
+
+Registry :data:`HEADS` (built from D and C only, never per backbone):
+
+- ``a``: D -> 128 -> C, ReLU (study B head A).
+- ``b``: head ``a``, trained as usual; then :meth:`SVMHead.fit_svm` fits a linear SVM with
+  sigmoid (Platt) probability calibration (``CalibratedClassifierCV(LinearSVC)``) on the
+  128-d penultimate features (study B head B). After fitting, ``forward`` returns
+  log-probabilities, so ``softmax(logits)`` equals the SVM's calibrated probabilities.
+  The fitted SVM is stored as tensors (buffers) in the state dict -- coefficients,
+  intercepts and calibration slopes/offsets of each CV fold -- and evaluated in torch,
+  so bundles stay plain ``weights_only`` state dicts.
+- ``c``: D -> 1024 -> 512 -> 128 -> C, ReLU (study B head C).
+- ``d``: ``c`` with dropout p=0.5 after each hidden ReLU (study B head D).
+- ``k``: study A's top: BatchNorm -> dropout -> dense(units) -> ReLU -> dropout -> C;
+  ``units``, ``dropout1`` and ``dropout2`` are keyword arguments.
+
+Binary tasks use **C = 2 logits with softmax cross-entropy everywhere** (equivalent to
+BCE-with-logits on the logit difference), so MC dropout, metrics and SVM calibration
+handle binary and multi-class alike.
+
+All dropout layers are :class:`~raycyto.models.mc.MCDropout` (plain dropout in training,
+switchable on in eval for MC passes).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from raycyto.errors import DataError, RaycytoError
+from raycyto.models.mc import MCDropout
+
+
+class MLPHead(nn.Module):
+    """Dense ReLU stack ``D -> hidden... -> C`` with optional dropout after each hidden ReLU."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (128,),
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(MCDropout(dropout))
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(width, num_classes)
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        """``[N, D] -> [N, hidden[-1]]`` (after the last hidden ReLU / dropout)."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.penultimate(x))
+
+
+class StudyAHead(nn.Module):
+    """Study A: BatchNorm -> dropout -> dense(units) -> ReLU -> dropout -> output."""
+
+    def __init__(self, in_dim: int, num_classes: int, units: int = 256,
+                 dropout1: float = 0.5, dropout2: float = 0.5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm1d(in_dim), MCDropout(dropout1),
+                                  nn.Linear(in_dim, units), nn.ReLU(), MCDropout(dropout2))
+        self.out = nn.Linear(units, num_classes)
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        """``[N, D] -> [N, units]``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.penultimate(x))
+
+
+class SVMHead(MLPHead):
+    """Head ``b``: head ``a`` plus a calibrated linear SVM on its 128-d penultimate features.
+
+    Before :meth:`fit_svm` it behaves exactly like head ``a``.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 128, svm_cv: int = 3,
+                 svm_c: float = 1.0, seed: int = 0) -> None:
+        super().__init__(in_dim, num_classes, hidden=(hidden,))
+        if num_classes < 2:
+            raise RaycytoError(f"head b needs num_classes >= 2, got {num_classes}")
+        self.svm_cv, self.svm_c, self.seed = int(svm_cv), float(svm_c), int(seed)
+        k, m = self.svm_cv, (1 if num_classes == 2 else num_classes)  # m = SVM decision columns
+        self.register_buffer("svm_fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("svm_coef", torch.zeros(k, m, hidden, dtype=torch.float64))
+        self.register_buffer("svm_intercept", torch.zeros(k, m, dtype=torch.float64))
+        self.register_buffer("cal_a", torch.zeros(k, m, dtype=torch.float64))
+        self.register_buffer("cal_b", torch.zeros(k, m, dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit_svm(self, features: Tensor | np.ndarray, labels: np.ndarray | Sequence[int]) -> "SVMHead":
+        """Fit the calibrated linear SVM on this head's penultimate features.
+
+        Args:
+            features: backbone features ``[N, D]`` (the head's input, not the 128-d ones).
+            labels: ``[N]`` ints in ``0..C-1``; every class needs >= ``svm_cv`` samples.
+        Returns:
+            self (now predicting SVM log-probabilities).
+        """
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import LinearSVC
+
+        was_training = self.training
+        self.eval()
+        f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        z = self.penultimate(f).double().numpy()  # [N, 128]
+        self.train(was_training)
+        y = np.asarray(labels).astype(int)
+        c = self.out.out_features
+        counts = np.bincount(y, minlength=c) if y.size and y.min() >= 0 else None
+        if counts is None or len(counts) != c or counts.min() < self.svm_cv:
+            raise DataError(f"head b SVM needs every class 0..{c - 1} with >= {self.svm_cv} "
+                            f"samples; got counts {None if counts is None else counts.tolist()}")
+        svm = LinearSVC(C=self.svm_c, dual="auto", max_iter=20000, random_state=self.seed)
+        cal = CalibratedClassifierCV(svm, method="sigmoid", cv=self.svm_cv, ensemble=True)
+        cal.fit(z, y)
+        for i, cc in enumerate(cal.calibrated_classifiers_):
+            est = cc.estimator
+            self.svm_coef[i] = torch.from_numpy(np.asarray(est.coef_, dtype=np.float64))
+            self.svm_intercept[i] = torch.from_numpy(np.asarray(est.intercept_, dtype=np.float64))
+            self.cal_a[i] = torch.tensor([cb.a_ for cb in cc.calibrators], dtype=torch.float64)
+            self.cal_b[i] = torch.tensor([cb.b_ for cb in cc.calibrators], dtype=torch.float64)
+        self.svm_fitted.fill_(True)
+        self._sklearn = cal  # kept in memory for cross-checks only; not part of the state
+        return self
+
+    def svm_proba(self, x: Tensor) -> Tensor:
+        """Calibrated SVM probabilities ``[N, C]`` (sklearn's ``predict_proba``, in torch)."""
+        z = self.penultimate(x).double()  # [N, 128]
+        dec = torch.einsum("nh,kmh->knm", z, self.svm_coef) + self.svm_intercept[:, None]  # [K,N,m]
+        p = torch.sigmoid(-(self.cal_a[:, None] * dec + self.cal_b[:, None]))  # [K, N, m]
+        if self.out.out_features == 2:
+            p = torch.cat([1 - p, p], -1)  # [K, N, 2]
+        else:
+            s = p.sum(-1, keepdim=True)
+            p = torch.where(s > 0, p / s.clamp_min(1e-300), torch.full_like(p, 1 / p.shape[-1]))
+        return p.mean(0)  # [N, C], ensemble over CV folds
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.svm_fitted):
+            return super().forward(x)
+        return self.svm_proba(x).clamp_min(1e-12).log().to(x.dtype)
+
+
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "a": partial(MLPHead, hidden=(128,)),
+    "b": SVMHead,
+    "c": partial(MLPHead, hidden=(1024, 512, 128)),
+    "d": partial(MLPHead, hidden=(1024, 512, 128), dropout=0.5),
+    "k": StudyAHead,
+}
+
+
+def build_head(name: str, in_dim: int, num_classes: int, **kw) -> nn.Module:
+    """Build a head from the registry.
+
+    Args:
+        name: one of :data:`HEADS` (``a b c d k``).
+        in_dim: feature width D.
+        num_classes: C (2 for binary tasks).
+        **kw: head options (``k``: units, dropout1, dropout2; ``b``: svm_cv, svm_c, seed).
+    Returns:
+        module ``[N, D] -> logits [N, C]``.
+    """
+    if name not in HEADS:
+        raise RaycytoError(f"unknown head {name!r}; known: {', '.join(HEADS)}")
+    if int(num_classes) < 2:
+        raise RaycytoError(f"num_classes must be >= 2 (binary tasks use 2 logits), got {num_classes}")
+    try:
+        return HEADS[name](int(in_dim), int(num_classes), **kw)
+    except TypeError as e:
+        raise RaycytoError(f"head {name!r}: bad options {kw}: {e}") from e
