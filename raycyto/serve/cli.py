@@ -1,16 +1,113 @@
-"""Placeholder: the owner of raycyto/serve replaces this module."""
+"""``raycyto export`` / ``serve`` / ``predict`` (registered as commands by the root CLI)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
 
 
-def export() -> None:
-    """Not built yet."""
-    raise SystemExit(1)
+def export(
+    exp_dir: Path = typer.Argument(..., help="experiment folder written by `raycyto sweep`"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write the model bundle to"),
+    best: Optional[str] = typer.Option(None, "--best", help="selection metric (default: the sweep's)"),
+    trial: Optional[str] = typer.Option(None, "--trial", help="export this trial id instead"),
+) -> None:
+    """Export the best trial (by validation metric) of a sweep as a servable model bundle.
+
+    Example: raycyto export runs/demo --out runs/demo/model --best auc
+    """
+    from raycyto.errors import RaycytoError
+    from raycyto.serve.export import export_model
+
+    try:
+        path = export_model(exp_dir, out, best=best, trial=trial)
+    except RaycytoError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    meta = json.loads((path / "model.json").read_text())
+    sel = meta.get("selection", {})
+    typer.echo(f"exported trial {sel.get('trial_id')} fold {sel.get('fold')} "
+               f"({sel.get('metric')}={meta.get('metrics', {}).get('val', {})}) -> {path}")
 
 
-def serve() -> None:
-    """Not built yet."""
-    raise SystemExit(1)
+def serve(
+    model_dir: Path = typer.Argument(..., help="model bundle written by `raycyto export`"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    passes: Optional[int] = typer.Option(None, "--passes", help="default MC passes"),
+    fan_out: Optional[int] = typer.Option(None, "--fan-out", help="chunks per request (default: by scope)"),
+    mc_replicas: int = typer.Option(2, "--mc-replicas"),
+    token_env: Optional[str] = typer.Option(None, "--token-env", help="env var with a bearer token (auth on)"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with a bearer token (auth on)"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for a local Ray"),
+) -> None:
+    """Serve a model bundle on a local Ray Serve (blocking; Ctrl-C to stop).
+
+    Example: raycyto serve runs/demo/model --port 8000 --passes 100
+    """
+    import ray
+    from ray import serve as rs
+
+    from raycyto.errors import RaycytoError
+    from raycyto.serve.app import AppArgs, build_app
+
+    try:
+        args = AppArgs(model_dir=str(model_dir), passes=passes, fan_out=fan_out, mc_replicas=mc_replicas,
+                       auth_token_env=token_env, auth_token_file=str(token_file) if token_file else None,
+                       mc_num_cpus=0.25, backbone_num_cpus=0.5)
+        app = build_app(args)
+    except RaycytoError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    rs.start(http_options={"host": host, "port": port})
+    rs.run(app, name="raycyto", route_prefix="/")
+    typer.echo(f"serving {model_dir} at http://{host}:{port}/predict  (docs: http://{host}:{port}/docs); Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    finally:
+        rs.shutdown()
 
 
-def predict() -> None:
-    """Not built yet."""
-    raise SystemExit(1)
+def predict(
+    model_dir: Path = typer.Argument(..., help="model bundle written by `raycyto export`"),
+    images: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, TIFF, BMP)"),
+    passes: Optional[int] = typer.Option(None, "--passes"),
+    threshold: Optional[float] = typer.Option(None, "--threshold"),
+    seed: int = typer.Option(0, "--seed", help="same seed as the endpoint -> same numbers"),
+    fan_out: Optional[int] = typer.Option(None, "--fan-out", help="chunking; match the endpoint's"),
+    mc_replicas: int = typer.Option(2, "--mc-replicas", help="the endpoint's MC replicas (full-scope default chunking)"),
+) -> None:
+    """Predict images offline, in-process; prints one JSON object per image (same JSON as /predict).
+
+    Example: raycyto predict runs/demo/model cell1.png cell2.jpg --passes 100
+    """
+    from raycyto.errors import RaycytoError
+    from raycyto.serve.predict import LocalPredictor
+    from raycyto.serve.validation import ClientError
+
+    try:
+        predictor = LocalPredictor(model_dir, fan_out=fan_out, mc_replicas=mc_replicas, seed=seed)
+    except RaycytoError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    failed = 0
+    for path in images:
+        try:
+            result = predictor.predict_bytes(path.read_bytes(), passes=passes, threshold=threshold)
+            record = {"path": str(path), **result}
+        except (ClientError, OSError) as e:
+            failed += 1
+            record = {"path": str(path), "error": getattr(e, "message", str(e))}
+        sys.stdout.write(json.dumps(record) + "\n")
+    if failed:
+        raise typer.Exit(1)
