@@ -1,0 +1,120 @@
+"""Task registry and the generator driver shared by every synthetic task."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from raycyto.errors import ConfigError, DataError
+from raycyto.synth import karyogram, leukemia
+from raycyto.synth.base import SynthTask, encode_png, image_rng, resize_to
+
+TASKS: dict[str, SynthTask] = {t.name: t for t in (karyogram.TASK, leukemia.TASK)}
+
+# The "default sets" `raycyto run` generates when no data source is given.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "karyogram": {"patients": 60, "per_patient": 2, "size": 416, "abnormal_fraction": 0.5},
+    "leukemia": {"patients": 60, "per_patient": 2, "size": 224},
+}
+
+MARKER = "synth.json"
+MIN_SIZE = 16
+
+
+def get_task(name: str) -> SynthTask:
+    """The registered task called ``name``; unknown names raise ``ConfigError("task", ...)``."""
+    if name not in TASKS:
+        raise ConfigError("task", f"unknown synthetic task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def _check_int(field: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``out`` or clear a previous synthetic set in it; refuse unrelated non-empty folders."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder; pick a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ours = (out / MARKER).exists() or (out / "manifest.csv").exists()
+    if not ours and any(out.iterdir()):
+        raise DataError(f"--out {out} is not empty and holds no synthetic set ({MARKER}); "
+                        "pick a new or empty folder")
+    for old in sorted(out.glob("*/p*_i*.png")):
+        old.unlink()
+    for sub in sorted(p for p in out.iterdir() if p.is_dir()):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+
+
+def _progress(enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), disable=not enabled)
+
+
+def generate(task: str, out: Path, patients: int, per_patient: int, seed: int,
+             size: int | None = None, progress: bool = True, **kw: Any) -> Path:
+    """Write a synthetic dataset: ``out/<label>/p<patient>_i<k>.png`` and ``out/manifest.csv``.
+
+    Args:
+        task: a key of ``TASKS`` ("karyogram", "leukemia").
+        out: output folder (created; a previous synthetic set in it is replaced).
+        patients: number of synthetic patients (manifest ``group``); each gets its class once.
+        per_patient: images per patient, each a new realisation (field, stain, jitter).
+        seed: non-negative seed; same arguments give byte-identical files.
+        size: square image side in pixels (default: the task's base size).
+        progress: show a rich progress bar.
+        **kw: task options (karyogram: ``abnormal_fraction``).
+    Returns:
+        Path of ``out/manifest.csv`` (columns ``path,label,group`` + task extra columns,
+        ``path`` relative to ``out``).
+    """
+    spec = get_task(task)
+    unknown = sorted(set(kw) - set(spec.options))
+    if unknown:
+        known = ", ".join(spec.options) or "none"
+        raise ConfigError(unknown[0], f"not an option of synthetic task {task!r}; known: {known}")
+    options = {**spec.options, **kw}
+    spec.check(options)
+    _check_int("patients", patients, 1)
+    _check_int("per_patient", per_patient, 1)
+    _check_int("seed", seed, 0)
+    size = spec.base_size if size is None else _check_int("size", size, MIN_SIZE)
+
+    out = Path(out)
+    _prepare_out(out)
+    params = {"task": task, "patients": patients, "per_patient": per_patient, "seed": seed,
+              "size": size, "options": options}
+    (out / MARKER).write_text(json.dumps(params, sort_keys=True, indent=1) + "\n")
+
+    cohort = spec.plan(seed, patients, **options)
+    digits = max(3, len(str(patients - 1)))
+    draw_side = max(size, spec.base_size)
+    rows = []
+    with _progress(progress) as bar:
+        job = bar.add_task(f"synth {task}", total=patients * per_patient)
+        for p, patient in enumerate(cohort):
+            label = patient["label"]
+            (out / label).mkdir(exist_ok=True)
+            group = f"p{p:0{digits}d}"
+            for i in range(per_patient):
+                image = spec.render(patient, image_rng(seed, p, i), draw_side)  # [S, S, 3]
+                rel = f"{label}/{group}_i{i}.png"
+                (out / rel).write_bytes(encode_png(resize_to(image, size)))
+                rows.append([rel, label, group] + [patient[c] for c in spec.extra_columns])
+                bar.advance(job)
+
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "group", *spec.extra_columns])
+        writer.writerows(rows)
+    return manifest
