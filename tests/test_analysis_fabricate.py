@@ -67,7 +67,7 @@ def fabricate_experiment(out: Path, classes: tuple[str, ...] = BINARY,
         y, yp, pr = g["label"].to_numpy(), g["pred"].to_numpy(), g[[f"prob_{k}" for k in classes]].to_numpy()
         auc = roc_auc_score(y == pos, pr[:, pos]) if c == 2 else \
             roc_auc_score(y, pr, multi_class="ovr", labels=list(range(c)))
-        return {"loss": log_loss(y, np.clip(pr, 1e-7, 1), labels=list(range(c))),
+        return {"loss": log_loss(y, pr, labels=list(range(c))),
                 "accuracy": accuracy_score(y, yp),
                 "precision": precision_score(y, yp, zero_division=0, **avg),
                 "recall": recall_score(y, yp, zero_division=0, **avg),
