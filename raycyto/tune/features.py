@@ -1,0 +1,151 @@
+"""Feature cache: a frozen backbone runs once per (image, augmentation copy).
+
+Ray Data decodes and augments the images (``raycyto.data.pipeline.image_dataset``) and an
+actor pool of :class:`FeatureExtractor` (the backbone is loaded once per actor, on a GPU
+when the config asks for one and the cluster has it) turns them into feature rows. The
+resulting :class:`FeatureSet` (features [M, D] float32 + row metadata, sorted by
+(path, copy)) is put in the object store once and shared by every fold, head and search
+sample of that backbone.
+
+Example::
+
+    fs = compute_features(table, "efficientnet_lite0", cfg.data, cfg.resources)
+    rows = fs.rows(test_paths, copies=False)     # copy 0 of the test images
+    x = fs.features[rows]                        # [n, D]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raycyto.config import DataConfig, ResourcesConfig
+    from raycyto.data.sources import SourceTable
+
+
+@dataclass
+class FeatureSet:
+    """Backbone features of every (image, copy), sorted by (path, copy).
+
+    Attributes:
+        backbone: registry name.
+        features: [M, D] float32.
+        path, label, group, copy: [M] row metadata (str, int64, str, int64).
+    """
+
+    backbone: str
+    features: np.ndarray
+    path: np.ndarray
+    label: np.ndarray
+    group: np.ndarray
+    copy: np.ndarray
+
+    def rows(self, paths: Iterable[str], copies: bool) -> np.ndarray:
+        """Indices of the rows of ``paths``: every copy (``copies=True``) or copy 0 only.
+
+        Returns:
+            [n] sorted int64 row indices.
+        """
+        wanted = np.isin(self.path, np.asarray(list(paths), dtype=str))
+        if not copies:
+            wanted &= self.copy == 0
+        return np.flatnonzero(wanted)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the feature matrix in bytes."""
+        return int(self.features.nbytes)
+
+
+class FeatureExtractor:
+    """Callable class for ``Dataset.map_batches``: backbone built once per actor.
+
+    Args:
+        backbone: registry name.
+        input_size: backbone input side (None = native).
+        pretrained: load ImageNet weights.
+        device: "cuda" or "cpu" (default: cuda when this actor was given a GPU).
+    """
+
+    def __init__(self, backbone: str, input_size: Optional[int], pretrained: bool = True,
+                 device: Optional[str] = None) -> None:
+        import torch
+
+        from raycyto.models.registry import build_backbone, get_spec
+
+        self.spec = get_spec(backbone)
+        self.input_size = input_size
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_backbone(backbone, pretrained).eval().to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """[B] image rows -> [B] feature rows (``features`` [B, D] float32)."""
+        import torch
+
+        from raycyto.models.registry import preprocess
+
+        x = preprocess(np.stack(list(batch["image"])), self.spec, self.input_size).to(self.device)
+        with torch.no_grad():
+            feats = self.model(x).float().cpu().numpy()  # [B, D]
+        return {"path": batch["path"], "label": batch["label"], "group": batch["group"],
+                "copy": batch["copy"], "features": feats}
+
+
+def compute_features(table: "SourceTable", backbone: str, data: "DataConfig", resources: "ResourcesConfig",
+                     seed: int = 0, pretrained: bool = True) -> FeatureSet:
+    """Run ``backbone`` once over every (image, copy) of ``table`` with a Ray Data actor pool.
+
+    Args:
+        table: readable source images (bad files already removed).
+        backbone: registry name.
+        data: image_size, input_size, policy and copies.
+        resources: ``feature_actors``, ``feature_batch_size``; a GPU per actor when
+            ``gpus_per_trial > 0`` and the cluster has GPUs.
+        seed: augmentation seed (copies depend on (seed, path, copy) only).
+        pretrained: ImageNet weights (True) or random init.
+
+    Returns:
+        The FeatureSet, rows sorted by (path, copy).
+    """
+    import ray
+
+    from raycyto.data.pipeline import image_dataset
+
+    ds = image_dataset(table, data.image_size, policy=data.policy, copies=data.copies, seed=seed)
+    gpus = 1 if resources.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ds.map_batches(FeatureExtractor, batch_size=resources.feature_batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"backbone": backbone, "input_size": data.input_size,
+                                               "pretrained": pretrained},
+                        compute=ray.data.ActorPoolStrategy(size=resources.feature_actors),
+                        num_gpus=gpus, num_cpus=0 if gpus else 1)
+    cols: dict[str, list] = {"path": [], "label": [], "group": [], "copy": [], "features": []}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
+        for key in cols:
+            cols[key].append(np.asarray(batch[key]))
+    path = np.concatenate(cols["path"]).astype(str)
+    copy = np.concatenate(cols["copy"]).astype(np.int64)
+    order = np.lexsort((copy, path))  # deterministic: by path, then copy
+    return FeatureSet(backbone=backbone,
+                      features=np.concatenate(cols["features"]).astype(np.float32)[order],  # [M, D]
+                      path=path[order], copy=copy[order],
+                      label=np.concatenate(cols["label"]).astype(np.int64)[order],
+                      group=np.concatenate(cols["group"]).astype(str)[order])
+
+
+def feature_rows_for_split(fs: FeatureSet, table_paths: np.ndarray, split: Any) -> dict[str, np.ndarray]:
+    """Feature rows of one fold: train = every copy of train images, val/test = copy 0.
+
+    Args:
+        fs: the backbone's FeatureSet.
+        table_paths: [N] paths of the source table (Split indices point into it).
+        split: a ``raycyto.data.splits.Split``.
+
+    Returns:
+        {"train": rows, "val": rows, "test": rows} indices into ``fs``.
+    """
+    return {"train": fs.rows(table_paths[split.train], copies=True),
+            "val": fs.rows(table_paths[split.val], copies=False),
+            "test": fs.rows(table_paths[split.test], copies=False)}

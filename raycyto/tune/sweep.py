@@ -1,0 +1,295 @@
+"""Sweep driver: data -> feature cache -> ONE Tuner over all grid cells -> experiment dir.
+
+Example::
+
+    exp_dir = run_sweep(load_config("jobs/configs/demo.yaml"), out=Path("experiments/demo"))
+    exp_dir = resume_sweep(exp_dir)     # continue an interrupted sweep
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+import raycyto
+from raycyto.config import METRICS, SweepConfig, dump_config, load_config
+from raycyto.errors import ConfigError, RaycytoError
+
+TUNE_NAME = "tune"            # Tune's run directory: EXP_DIR/tune/
+FAIL_ONCE_ENV = "RAYCYTO_FAIL_ONCE"   # test hook, see raycyto.tune.trainable
+CELL = ("backbone", "finetune", "head")
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local
+    Ray with ``num_cpus`` (default ``RAYCYTO_NUM_CPUS`` or every local core)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return
+    cpus = num_cpus or int(os.environ.get("RAYCYTO_NUM_CPUS", os.cpu_count() or 1))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(msg)
+
+
+def prepare_data(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tuple[Any, pd.DataFrame]:
+    """Read the source (generating synthetic data into EXP_DIR/data), drop unreadable files.
+
+    Returns:
+        (SourceTable of readable images, bad-file report DataFrame path, reason).
+    """
+    from raycyto.data.pipeline import image_dataset, report_bad_files
+    from raycyto.data.sources import SourceTable, read_source
+
+    source = cfg.data.source
+    if source == "synthetic":
+        from raycyto.synth import generate
+
+        syn = cfg.data.synthetic
+        out = exp_dir / "data"
+        if not (out / "manifest.csv").is_file():
+            kw = {} if syn.abnormal_fraction is None else {"abnormal_fraction": syn.abnormal_fraction}
+            generate(syn.task, out, patients=syn.patients, per_patient=syn.per_patient, seed=syn.seed,
+                     size=syn.size, progress=progress, **kw)
+        source = str(out)
+    table = read_source(source, cfg.data.classes)
+    # one decode pass over the originals: the bad-file report (path, reason)
+    checked = image_dataset(table, cfg.data.image_size).select_columns(["path", "error"]).to_pandas()
+    bad = (checked[checked["error"].astype(str) != ""].rename(columns={"error": "reason"})
+           .astype({"path": str, "reason": str}).sort_values("path").reset_index(drop=True))
+    report_bad_files(bad)
+    ok = table.df[~table.df["path"].astype(str).isin(set(bad["path"]))].reset_index(drop=True)
+    if ok.empty:
+        raise RaycytoError(f"data.source {cfg.data.source!r}: no readable images ({len(bad)} bad files)")
+    return SourceTable(df=ok, class_names=list(table.class_names)), bad
+
+
+def resolve_positive(cfg: SweepConfig, class_names: list[str]) -> Optional[int]:
+    """Index of ``data.positive_class``; required for binary tasks, optional otherwise."""
+    name = cfg.data.positive_class
+    if name is None:
+        if len(class_names) == 2:
+            raise ConfigError("data.positive_class", f"required for a binary task; one of {class_names}")
+        return None
+    if name not in class_names:
+        raise ConfigError("data.positive_class", f"{name!r} is not a class of the data {class_names}")
+    return class_names.index(name) if len(class_names) == 2 else None
+
+
+def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tuple[Any, dict]:
+    """Data, splits and the feature cache; returns (TrialContext, experiment.json data section)."""
+    import ray
+
+    from raycyto.data.splits import kfold_splits
+    from raycyto.tune.features import compute_features
+    from raycyto.tune.trainable import TrialContext
+
+    table, bad = prepare_data(cfg, exp_dir, progress)
+    positive = resolve_positive(cfg, list(table.class_names))
+    labels, groups = table.df["label"].to_numpy(), table.df["group"].astype(str).to_numpy()
+    splits = kfold_splits(labels, groups, k=cfg.cv.folds, val_fraction=cfg.cv.val_fraction, seed=cfg.cv.seed)
+    refs = {}
+    for backbone in cfg.grid.backbones if "frozen" in cfg.grid.finetune else ():
+        t0 = time.time()
+        fs = compute_features(table, backbone, cfg.data, cfg.resources, seed=cfg.cv.seed)
+        refs[backbone] = ray.put(fs)
+        _log(progress, f"features {backbone}: {fs.features.shape} in {time.time() - t0:.1f}s (cached)")
+    ctx = TrialContext(cfg=cfg, exp_dir=str(exp_dir), table=table, splits=splits, positive=positive,
+                       feature_refs=refs, fail_once=os.environ.get(FAIL_ONCE_ENV) or None)
+    paths = table.df["path"].astype(str).to_numpy()
+    data = {
+        "source": cfg.data.source,
+        "n_images": int(len(table.df)),
+        "class_counts": {table.class_names[i]: int(n) for i, n in enumerate(np.bincount(labels, minlength=len(table.class_names)))},
+        "n_groups": int(len(set(groups))),
+        "folds": [{"fold": s.fold, "train": paths[s.train].tolist(), "val": paths[s.val].tolist(),
+                   "test": paths[s.test].tolist()} for s in splits],
+        "bad_files": bad.to_dict("records"),
+    }
+    return ctx, data
+
+
+def _tuner(cfg: SweepConfig, ctx: Any, exp_dir: Path, progress: bool, restore: bool):
+    from ray import tune
+
+    from raycyto.tune.search import CellSearcher
+    from raycyto.tune.trainable import cv_trainable
+
+    res = cfg.resources
+    trainable = tune.with_resources(tune.with_parameters(cv_trainable, ctx=ctx),
+                                    {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    cells = [dict(zip(CELL, c)) for c in cfg.grid.cells()]
+    from raycyto.tune.progress import RichProgress
+
+    callback = RichProgress(len(cells) * cfg.search.samples * cfg.cv.folds, cfg.search.metric, progress)
+    tune_path = tune_storage(cfg, exp_dir)
+    if restore:
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True), callback
+    searcher = CellSearcher(cells, cfg.search, log_path=str(exp_dir / "search_log.jsonl"))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=searcher.total_samples,
+                                    metric=cfg.search.metric, mode=cfg.search.resolved_mode,
+                                    max_concurrent_trials=res.max_concurrent),
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=tune_path.rsplit("/", 1)[0],
+                                  failure_config=tune.FailureConfig(max_failures=res.max_failures),
+                                  # checkpoints are tiny (finished folds' metrics); keeping them
+                                  # all avoids forced experiment snapshots on every report
+                                  callbacks=[callback], verbose=0),
+    ), callback
+
+
+def tune_storage(cfg: SweepConfig, exp_dir: Path) -> str:
+    """Tune's run directory: EXP_DIR/tune, or <storage URI>/<EXP_DIR name>/tune for object stores."""
+    if _is_uri(cfg.storage):
+        return f"{cfg.storage.rstrip('/')}/{exp_dir.name}/{TUNE_NAME}"
+    return str((exp_dir / TUNE_NAME).resolve())
+
+
+def _trial_id(result: Any) -> str:
+    import re
+
+    if result.metrics and result.metrics.get("trial_id"):
+        return str(result.metrics["trial_id"])
+    match = re.search(r"_([0-9a-f]{5}_\d{5})", Path(result.path).name)
+    return match.group(1) if match else Path(result.path).name
+
+
+def collect(grid: Any, cfg: SweepConfig, exp_dir: Path) -> pd.DataFrame:
+    """Write results.csv and predictions.parquet from a ResultGrid and the per-fold files."""
+    rows = []
+    for r in grid:
+        c, m = r.config or {}, r.metrics or {}
+        tid = _trial_id(r)
+        complete = r.error is None and int(m.get("folds_done", 0)) == cfg.cv.folds
+        row = {"trial_id": tid, **{k: c.get(k) for k in CELL}, "lr": c.get("lr"), "batch_size": c.get("batch_size"),
+               "status": "TERMINATED" if complete else "ERROR", "folds_done": int(m.get("folds_done", 0))}
+        for split in ("val", "test"):
+            row.update({f"{split}_{k}": m.get(f"{split}_{k}", np.nan) for k in METRICS})
+        row.update({"time_s": m.get("time_total_s", np.nan), "history_dir": f"histories/{tid}",
+                    "checkpoint_dir": f"checkpoints/{tid}", "error": "" if r.error is None else str(r.error)[:500]})
+        rows.append(row)
+    results = pd.DataFrame(rows).sort_values(["backbone", "finetune", "head", "trial_id"]).reset_index(drop=True)
+    results.to_csv(exp_dir / "results.csv", index=False)
+    parts = sorted((exp_dir / "predictions").glob("*/fold*.parquet"))
+    parts = [p for p in parts if p.parent.name in set(results["trial_id"])]
+    preds = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+    if not preds.empty:
+        lead = ["trial_id", *CELL, "fold", "split", "path", "group", "label", "label_name", "pred"]
+        preds = preds[lead + [c for c in preds.columns if c not in lead]]
+        preds = preds.sort_values(["trial_id", "fold", "split", "path"]).reset_index(drop=True)
+    preds.to_parquet(exp_dir / "predictions.parquet", index=False)
+    return results
+
+
+def _write_experiment(cfg: SweepConfig, ctx: Any, data: dict, exp_dir: Path, started: float,
+                      finished: Optional[float]) -> None:
+    doc = {
+        "name": cfg.name,
+        "task": cfg.data.synthetic.task if cfg.data.source == "synthetic" else (
+            "binary" if len(ctx.class_names) == 2 else "multiclass"),
+        "class_names": ctx.class_names,
+        "positive_class": None if ctx.positive is None else ctx.class_names[ctx.positive],
+        "mc": {"passes": cfg.mc.passes, "threshold": cfg.mc.threshold},
+        "select_metric": cfg.train.select_metric,
+        "search_metric": cfg.search.metric,
+        "data": data,
+        "tune_dir": tune_storage(cfg, exp_dir),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+        "wall_s": None if finished is None else round(finished - started, 2),
+        "raycyto_version": raycyto.__version__,
+    }
+    (exp_dir / "experiment.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
+def default_exp_dir(cfg: SweepConfig) -> Path:
+    """``<storage>/<name>-<YYYYmmdd-HHMMSS>`` (local storage) or ./experiments/... for URIs."""
+    root = Path("./experiments") if _is_uri(cfg.storage) else Path(cfg.storage)
+    return root / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = True,
+              resume: bool = False) -> Path:
+    """Run (or, with ``resume``, continue) a sweep and fill the experiment directory.
+
+    Args:
+        cfg: the sweep config (ignored fields none; see raycyto.config).
+        out: EXP_DIR (default: ``default_exp_dir(cfg)``).
+        progress: rich progress output.
+        resume: continue the Tune run in ``out``; finished trials are not re-run.
+
+    Returns:
+        The experiment directory.
+    """
+    exp_dir = Path(out or default_exp_dir(cfg)).resolve()
+    if not resume and (exp_dir / TUNE_NAME).exists():
+        raise RaycytoError(f"{exp_dir} already holds a sweep; use --resume {exp_dir} or another --out")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        dump_config(cfg, exp_dir / "config.yaml")
+    ensure_ray()
+    started = time.time()
+    ctx, data = build_context(cfg, exp_dir, progress)
+    _write_experiment(cfg, ctx, data, exp_dir, started, None)
+    tuner, callback = _tuner(cfg, ctx, exp_dir, progress, restore=resume)
+    grid = tuner.fit()
+    results = collect(grid, cfg, exp_dir)
+    _write_experiment(cfg, ctx, data, exp_dir, started, time.time())
+    if _is_uri(cfg.storage):
+        _upload(exp_dir, f"{cfg.storage.rstrip('/')}/{exp_dir.name}")
+    if progress:
+        print_summary(results, cfg)
+    return exp_dir
+
+
+def resume_sweep(exp_dir: Path, progress: bool = True) -> Path:
+    """Continue the sweep in ``exp_dir`` (its config.yaml); finished trials are kept as they are."""
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / "config.yaml").is_file() or not (exp_dir / TUNE_NAME).exists():
+        raise RaycytoError(f"{exp_dir} is not a sweep directory (needs config.yaml and {TUNE_NAME}/)")
+    return run_sweep(load_config(exp_dir / "config.yaml"), out=exp_dir, progress=progress, resume=True)
+
+
+def _upload(exp_dir: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(exp_dir), uri, source_filesystem=pafs.LocalFileSystem())
+
+
+def print_summary(results: pd.DataFrame, cfg: SweepConfig, top: int = 10) -> None:
+    """Rich table of the best trials by the search metric (fold-averaged validation)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = cfg.search.metric
+    ok = results[results["status"] == "TERMINATED"]
+    best = ok.sort_values(metric, ascending=cfg.search.resolved_mode == "min").head(top)
+    table = Table(title=f"best trials by {metric} (mean over {cfg.cv.folds} folds); "
+                        f"{len(ok)}/{len(results)} trials finished")
+    for col in ("trial_id", *CELL, "lr", "batch_size", metric, "test_accuracy", "test_auc", "time_s"):
+        table.add_column(col)
+    for _, r in best.iterrows():
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in
+                        ("trial_id", *CELL, "lr", "batch_size", metric, "test_accuracy", "test_auc", "time_s")])
+    Console().print(table)

@@ -1,0 +1,267 @@
+"""The Tune trainable: one (backbone, finetune, head) cell x one (lr, batch_size) sample.
+
+Inside a trial the K folds run in turn. Each fold trains on its training split (every
+augmented copy), keeps the best epoch by the validation ``select_metric``, then predicts
+validation and test images (copy 0) deterministically and with MC dropout. After each
+fold the trial reports the FOLD-AVERAGED metrics so far with a checkpoint holding the
+finished folds, so a retried or restored trial skips them; the searcher only ever sees
+validation averages (test metrics are reported for the record, never optimised).
+
+Files written per fold into the experiment directory (see docs/ARCHITECTURE.md):
+``histories/<trial>/fold<k>.csv``, ``histories/<trial>/fold<k>_data.json`` (the paths the
+fold trained, validated and tested on), ``checkpoints/<trial>/fold<k>/`` (model bundle),
+``predictions/<trial>/fold<k>.parquet`` (merged into predictions.parquet by the driver) and
+``events/<trial>.jsonl`` (trial start and fold completion times: evidence for resume tests).
+
+Test hook: when ``TrialContext.fail_once`` names a file that does not exist yet, the trial
+creates it and raises once after its first fold (``RAYCYTO_FAIL_ONCE=<path>`` sets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from raycyto.config import METRICS, SweepConfig
+from raycyto.tune.train import classification_metrics
+
+FOLDS_FILE = "folds.json"
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs besides its (cell, lr, batch_size) config.
+
+    Shipped once through the object store (``tune.with_parameters``); ``feature_refs``
+    holds one ObjectRef per frozen backbone so a trial fetches only its own features.
+    """
+
+    cfg: SweepConfig
+    exp_dir: str
+    table: Any                     # raycyto.data.sources.SourceTable, readable images only
+    splits: list                   # list[raycyto.data.splits.Split]
+    positive: Optional[int]        # positive class index (binary) or None (multiclass)
+    feature_refs: dict[str, Any] = field(default_factory=dict)
+    fail_once: Optional[str] = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.table.class_names)
+
+    @property
+    def paths(self) -> np.ndarray:
+        return self.table.df["path"].astype(str).to_numpy()
+
+
+def _event(exp_dir: str, trial_id: str, event: str, **kw: Any) -> None:
+    path = Path(exp_dir) / "events" / f"{trial_id}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **kw}) + "\n")
+
+
+def read_events(exp_dir: str | Path, trial_id: str) -> list[dict]:
+    """The JSON-lines events of one trial (``start`` and ``fold_done`` rows)."""
+    path = Path(exp_dir) / "events" / f"{trial_id}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def fold_means(done: dict[int, dict]) -> dict[str, float]:
+    """Average ``val_<m>`` and ``test_<m>`` over finished folds (NaN-aware)."""
+    out = {}
+    for split in ("val", "test"):
+        for m in METRICS:
+            values = np.array([d[split][m] for d in done.values()], dtype=np.float64)
+            out[f"{split}_{m}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return out
+
+
+def _prediction_frame(probs: np.ndarray, mc: dict, meta: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
+    """One row per image: deterministic probs + MC summary columns."""
+    df = meta.copy()
+    df["pred"] = probs.argmax(1)
+    for i, name in enumerate(class_names):
+        df[f"prob_{name}"] = probs[:, i]
+    df["mc_label"] = mc["vote"]
+    df["mc_confidence"] = mc["confidence"]
+    for i, name in enumerate(class_names):
+        df[f"mc_mean_{name}"] = mc["mean"][:, i]
+    df["entropy"] = mc["entropy"]
+    df["mutual_information"] = mc["mutual_information"]
+    df["refer"] = mc["refer"].astype(bool)
+    return df
+
+
+def predict_split(head: Any, features: np.ndarray, labels: np.ndarray, ctx: TrialContext, seed: int
+                  ) -> tuple[np.ndarray, dict, dict[str, float]]:
+    """Deterministic probs [N, C], MC summary and metrics of a head on features [N, D]."""
+    import torch
+
+    from raycyto.models.mc import mc_head_predict, summarize
+    from raycyto.tune.train import array_batches, predict_probs
+
+    probs, _ = predict_probs(head, array_batches(features, labels, 1024)(0))  # [N, C]
+    passes = mc_head_predict(head, torch.as_tensor(features, dtype=torch.float32), ctx.cfg.mc.passes, seed=seed)
+    mc = summarize(passes, ctx.cfg.mc.threshold)  # [N, T, C] -> per-image summary
+    return probs, mc, classification_metrics(labels, probs, ctx.positive)
+
+
+def _subtable(table: Any, idx: np.ndarray) -> Any:
+    return type(table)(df=table.df.iloc[np.sort(idx)].reset_index(drop=True), class_names=list(table.class_names))
+
+
+class FoldRunner:
+    """Trains and evaluates one fold for a trial; the frozen/fine-tune difference is only
+    where features come from (cache vs. streamed images through a trainable backbone)."""
+
+    def __init__(self, config: dict, ctx: TrialContext) -> None:
+        import ray
+
+        from raycyto.models.classifier import build_classifier
+
+        self.config, self.ctx, self.cfg = config, ctx, ctx.cfg
+        self.frozen = config["finetune"] == "frozen"
+        self.head_kwargs = dict(self.cfg.grid.head_kwargs.get(config["head"], {}))
+        self.num_classes = len(ctx.class_names)
+        self.features = ray.get(ctx.feature_refs[config["backbone"]]) if self.frozen else None
+        self._build = lambda seed: build_classifier(config["backbone"], config["head"], self.num_classes,
+                                                    config["finetune"], pretrained=True,
+                                                    head_kwargs=self.head_kwargs, seed=seed)
+        self.bundle_model = self._build(0) if self.frozen else None  # frozen: backbone shared by folds
+
+    def _train_kwargs(self) -> dict:
+        t = self.cfg.train
+        return dict(num_classes=self.num_classes, positive=self.ctx.positive, lr=float(self.config["lr"]),
+                    batch_size=int(self.config["batch_size"]), epochs=t.epochs, optimizer=t.optimizer,
+                    weight_decay=t.weight_decay, select_metric=t.select_metric, patience=t.patience)
+
+    def _class_weight(self, labels: np.ndarray) -> Optional[np.ndarray]:
+        from raycyto.data.splits import class_weights
+
+        return class_weights(labels, self.num_classes) if self.cfg.data.class_weights else None
+
+    def run(self, split: Any) -> tuple[Any, pd.DataFrame, dict[str, dict], dict]:
+        """Returns (model, history, {split: (features, labels, row meta)}, data-used record)."""
+        return (self._run_frozen if self.frozen else self._run_finetune)(split)
+
+    def _run_frozen(self, split: Any):
+        from raycyto.data.splits import equalize
+        from raycyto.tune.features import feature_rows_for_split
+        from raycyto.tune.train import train_head
+
+        fs, seed = self.features, self.cfg.cv.seed * 1000 + split.fold
+        rows = feature_rows_for_split(fs, self.ctx.paths, split)
+        train = equalize(rows["train"], fs.label, seed) if self.cfg.data.equalize else rows["train"]
+        result = train_head(self.config["head"], fs.features[train], fs.label[train], fs.features[rows["val"]],
+                            fs.label[rows["val"]], class_weight=self._class_weight(fs.label[train]), seed=seed,
+                            head_kwargs=self.head_kwargs, **self._train_kwargs())
+        self.bundle_model.head = result.model
+        evals = {}
+        for name in ("val", "test"):
+            r = rows[name]
+            evals[name] = (fs.features[r], fs.label[r], pd.DataFrame({"path": fs.path[r], "group": fs.group[r]}))
+        used = {"best_epoch": result.best_epoch, "train": sorted(set(fs.path[train])), "train_rows": int(len(train)),
+                "val": sorted(set(fs.path[rows["val"]])), "test": sorted(set(fs.path[rows["test"]]))}
+        return self.bundle_model, result.history, evals, used
+
+    def _run_finetune(self, split: Any):
+        from raycyto.data.pipeline import image_dataset, load_arrays
+        from raycyto.data.splits import equalize
+        from raycyto.tune.train import extract_features, image_array_batches, train_finetune
+
+        table, data, seed = self.ctx.table, self.cfg.data, self.cfg.cv.seed * 1000 + split.fold
+        labels = table.df["label"].to_numpy()
+        train_idx = equalize(split.train, labels, seed) if data.equalize else split.train
+        train_ds = image_dataset(_subtable(table, train_idx), data.image_size, policy=data.policy,
+                                 copies=data.copies, seed=self.cfg.cv.seed)
+        arrays = {name: load_arrays(image_dataset(_subtable(table, idx), data.image_size))
+                  for name, idx in (("val", split.val), ("test", split.test))}
+        model = self._build(seed)
+        result = train_finetune(model, train_ds, arrays["val"]["image"], arrays["val"]["label"],
+                                input_size=data.input_size, seed=seed,
+                                class_weight=self._class_weight(labels[train_idx]), **self._train_kwargs())
+        evals = {}
+        for name, a in arrays.items():
+            feats, y = extract_features(result.model, image_array_batches(a["image"], a["label"], model.spec,
+                                                                          data.input_size, 64))
+            evals[name] = (feats, y, pd.DataFrame({"path": a["path"], "group": a["group"]}))
+        paths = self.ctx.paths
+        used = {"best_epoch": result.best_epoch, "train": sorted(set(paths[train_idx])), "train_rows": int(len(train_idx) * data.copies),
+                "val": sorted(set(arrays["val"]["path"])), "test": sorted(set(arrays["test"]["path"]))}
+        return result.model, result.history, evals, used
+
+
+def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
+    """Train one fold, write its history, bundle and predictions; return its metrics."""
+    from raycyto.models.bundle import save_bundle
+
+    ctx, cfg, config = runner.ctx, runner.cfg, runner.config
+    exp, k = Path(ctx.exp_dir), split.fold
+    model, history, evals, used = runner.run(split)
+    hist_dir = exp / "histories" / trial_id
+    hist_dir.mkdir(parents=True, exist_ok=True)
+    history.to_csv(hist_dir / f"fold{k}.csv", index=False)
+    (hist_dir / f"fold{k}_data.json").write_text(json.dumps(used))
+    frames, metrics = [], {}
+    class_names = ctx.class_names
+    for name, (feats, labels, meta) in evals.items():
+        probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=cfg.cv.seed * 1000 + k)
+        meta = meta.assign(label=labels, label_name=[class_names[i] for i in labels])
+        frame = _prediction_frame(probs, mc, meta, class_names)
+        frames.append(frame.assign(trial_id=trial_id, backbone=config["backbone"], finetune=config["finetune"],
+                                   head=config["head"], fold=k, split=name))
+    pred_dir = exp / "predictions" / trial_id
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames, ignore_index=True).to_parquet(pred_dir / f"fold{k}.parquet", index=False)
+    save_bundle(exp / "checkpoints" / trial_id / f"fold{k}", model, meta={
+        "class_names": class_names,
+        "positive_class": None if ctx.positive is None else class_names[ctx.positive],
+        "input_size": cfg.data.input_size or model.spec.input_size,
+        "image_size": cfg.data.image_size,
+        "mc": {"passes": cfg.mc.passes, "threshold": cfg.mc.threshold, "scope": "head"},
+        "trial_id": trial_id, "fold": k, "lr": float(config["lr"]), "batch_size": int(config["batch_size"]),
+        "best_epoch": used["best_epoch"],
+        "metrics": {f"{s}_{m}": v for s, d in metrics.items() for m, v in d.items()},
+    })
+    return metrics
+
+
+def cv_trainable(config: dict, ctx: TrialContext) -> None:
+    """Tune function trainable: run every fold not already in the checkpoint.
+
+    Args:
+        config: {backbone, finetune, head, lr, batch_size, cell} from the searcher.
+        ctx: shared TrialContext (``tune.with_parameters``).
+    """
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    done: dict[int, dict] = {}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            done = {int(k): v for k, v in json.loads((Path(d) / FOLDS_FILE).read_text()).items()}
+    _event(ctx.exp_dir, trial_id, "start", restored_folds=sorted(done))
+    runner = FoldRunner(config, ctx)
+    for split in ctx.splits:
+        if split.fold in done:
+            continue
+        t0 = time.time()
+        done[split.fold] = run_fold(runner, split, trial_id)
+        _event(ctx.exp_dir, trial_id, "fold_done", fold=split.fold, seconds=time.time() - t0,
+               val=done[split.fold]["val"])
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / FOLDS_FILE).write_text(json.dumps({str(k): v for k, v in done.items()}))
+            tune.report({**fold_means(done), "folds_done": len(done)},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+        if ctx.fail_once and not Path(ctx.fail_once).exists():
+            Path(ctx.fail_once).write_text(trial_id)
+            raise RuntimeError(f"RAYCYTO_FAIL_ONCE test hook: trial {trial_id} fails once after fold {split.fold}")
