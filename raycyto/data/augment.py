@@ -16,6 +16,7 @@ Policies:
   base = c // 3 and flip = c % 3 (none, horizontal, vertical). Base 0 is the original;
   bases 1..10 are two draws of each of five transforms in order (rotation <= 40 deg,
   height shift <= 40%, width shift <= 40%, shear <= 20 deg, zoom 0.7-1.3); reflect border.
+  The three flips of a base share its draw (the random stream is (seed, key, base)).
   ``copies=33`` reproduces the study exactly; larger counts keep cycling the transforms.
 - ``none``: every copy is the original.
 """
@@ -128,6 +129,12 @@ class AugmentPolicy:
     fn: Callable[[np.ndarray, np.random.Generator, int], np.ndarray]
     geometric: bool  # True when pixels may move (flips, warps)
     description: str
+    # which random stream a copy draws from; copies sharing a stream share parameters
+    stream: Callable[[int], int] = lambda copy: copy
+
+
+def _leukemia_stream(copy: int) -> int:
+    return copy // len(FLIPS)  # the three flips of one base share its transform draw
 
 
 POLICIES: dict[str, AugmentPolicy] = {
@@ -135,7 +142,8 @@ POLICIES: dict[str, AugmentPolicy] = {
         AugmentPolicy("karyogram", _karyogram, False,
                       "photometric only: brightness +-25%, blur sigma<=1, salt/pepper on <=5% of pixels"),
         AugmentPolicy("leukemia", _leukemia, True,
-                      "study B: flips x (rotation<=40, shift<=40%, shear<=20, zoom 0.7-1.3), 33 copies"),
+                      "study B: flips x (rotation<=40, shift<=40%, shear<=20, zoom 0.7-1.3), 33 copies",
+                      stream=_leukemia_stream),
         AugmentPolicy("none", _identity, False, "no augmentation; copies are the original"),
     )
 }
@@ -164,4 +172,4 @@ def augment(image: np.ndarray, policy: str, seed: int, key: str, copy: int) -> n
     spec = get_policy(policy)
     if copy == 0:
         return image
-    return spec.fn(image, copy_rng(seed, key, copy), copy)
+    return spec.fn(image, copy_rng(seed, key, spec.stream(copy)), copy)
