@@ -335,12 +335,12 @@ WHITE_CELLS: dict[str, Callable[[_Field, float, float], float]] = {
 
 # class -> (white-cell mix, range of the field area the white cells cover)
 RECIPES: dict[str, tuple[dict[str, float], tuple[float, float]]] = {
-    "HLT": ({"neutrophil": 0.6, "lymphocyte": 0.35, "band": 0.05}, (0.03, 0.13)),
-    "ALL": ({"lymphoblast": 0.85, "lymphocyte": 0.1, "neutrophil": 0.05}, (0.07, 0.24)),
-    "AML": ({"myeloblast": 0.85, "neutrophil": 0.1, "lymphocyte": 0.05}, (0.07, 0.24)),
-    "CLL": ({"lymphocyte": 0.78, "smudge": 0.22}, (0.06, 0.2)),
+    "HLT": ({"neutrophil": 0.6, "lymphocyte": 0.35, "band": 0.05}, (0.05, 0.17)),
+    "ALL": ({"lymphoblast": 0.85, "lymphocyte": 0.1, "neutrophil": 0.05}, (0.06, 0.2)),
+    "AML": ({"myeloblast": 0.85, "neutrophil": 0.1, "lymphocyte": 0.05}, (0.06, 0.2)),
+    "CLL": ({"lymphocyte": 0.78, "smudge": 0.22}, (0.05, 0.18)),
     "CML": ({"neutrophil": 0.25, "band": 0.18, "metamyelocyte": 0.17, "myelocyte": 0.2,
-             "basophil": 0.12, "myeloblast": 0.05, "lymphocyte": 0.03}, (0.06, 0.22)),
+             "basophil": 0.12, "myeloblast": 0.05, "lymphocyte": 0.03}, (0.06, 0.2)),
 }
 
 
@@ -365,7 +365,7 @@ def plan(seed: int, patients: int) -> list[dict[str, Any]]:
             "mix": dict(zip(names, mix.tolist())),
             # stain bias: overall strength and a per-channel hue shift, same for every class
             "stain": {k: rng.uniform(0.7, 1.3) * (1 + rng.normal(0, 0.06, 3)) for k in STAINS},
-            "light": rng.uniform(0.86, 1.02) * (1 + rng.normal(0, 0.025, 3)),
+            "light": rng.uniform(0.8, 1.04) * (1 + rng.normal(0, 0.025, 3)),
             "rbc_density": rng.uniform(0.35, 0.8),
             "cell_scale": rng.uniform(0.92, 1.08),
         })
