@@ -14,6 +14,7 @@ from raycyto.analysis.load import Experiment
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
+div.scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
 th{background:#f2f2f2} td.s{text-align:left}
@@ -56,7 +57,8 @@ def table_html(df: pd.DataFrame, best: np.ndarray | None = None, max_rows: int =
         rows.append(f"<tr{cls}>{cells}</tr>")
     more = f'<p class="note">first {max_rows} of {len(df)} rows; all in the CSV</p>' \
         if len(df) > max_rows else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>{more}")
 
 
 def _data_summary(exp: Experiment) -> str:

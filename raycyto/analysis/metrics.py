@@ -22,6 +22,7 @@ SUMMARY_METRICS = ("accuracy", "precision", "recall", "f1", "auc")
 
 def _prf(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
          positive: int | None) -> tuple[float, float, float]:
+    """(precision, recall, F1): positive class when binary, macro otherwise."""
     from sklearn.metrics import precision_recall_fscore_support
 
     if num_classes == 2:
@@ -136,10 +137,24 @@ def recall_of(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
                               zero_division=0))
 
 
-# Metric registry for selection: name -> (function(y, pred, probs, positive) -> float, higher_is_better).
+def _accuracy(y, yp, probs, positive) -> float:
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(y, yp))
+
+
+def _prf_one(index: int) -> Callable:
+    return lambda y, yp, probs, positive: _prf(y, yp, probs.shape[1], positive)[index]
+
+
+# Metric registry for selection: name -> (fn(y [N], pred [N], probs [N, C], positive) -> float,
+# higher_is_better). ``None``: only in results.csv (val_loss), lower is better.
 SelectFn = Callable[[np.ndarray, np.ndarray, np.ndarray, "int | None"], float]
 SELECT_METRICS: dict[str, tuple[SelectFn | None, bool]] = {
-    **{m: ((lambda y, yp, pr, pos, _m=m: classification_metrics(y, yp, pr, pos)[0][_m]), True)
-       for m in SUMMARY_METRICS},
-    "loss": (None, False),   # only in results.csv (val_loss): lower is better
+    "accuracy": (_accuracy, True),
+    "precision": (_prf_one(0), True),
+    "recall": (_prf_one(1), True),
+    "f1": (_prf_one(2), True),
+    "auc": (lambda y, yp, probs, positive: auc_score(y, probs, positive)[0], True),
+    "loss": (None, False),
 }
