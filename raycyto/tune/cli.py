@@ -1,6 +1,34 @@
-"""Placeholder: the owner of raycyto/tune replaces this module."""
+"""``raycyto sweep``: run or resume a cross-validated Tune sweep (heavy imports inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
 
 
-def sweep() -> None:
-    """Not built yet."""
-    raise SystemExit(1)
+def sweep(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Sweep config YAML."),
+    data: Optional[str] = typer.Option(None, "--data", help="Override data.source (folder, manifest, URI)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment directory to create."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted sweep in EXP_DIR."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+) -> None:
+    """Run every backbone x finetune x head cell on every fold with Bayesian search per cell.
+
+    Starts a local Ray (all cores, or RAYCYTO_NUM_CPUS) unless RAY_ADDRESS points at a cluster.
+
+    Example: raycyto sweep --config jobs/configs/demo.yaml --out experiments/demo
+    """
+    from rich.console import Console
+
+    from raycyto.errors import RaycytoError
+    from raycyto.tune.sweep import sweep_main
+
+    try:
+        exp_dir = sweep_main(config=config, data=data, out=out, resume=resume, progress=not quiet)
+    except RaycytoError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    Console().print(f"experiment directory: {exp_dir}")

@@ -293,3 +293,29 @@ def print_summary(results: pd.DataFrame, cfg: SweepConfig, top: int = 10) -> Non
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in
                         ("trial_id", *CELL, "lr", "batch_size", metric, "test_accuracy", "test_auc", "time_s")])
     Console().print(table)
+
+
+def sweep_main(config: Optional[Path] = None, data: Optional[str] = None, out: Optional[Path] = None,
+               resume: Optional[Path] = None, progress: bool = True) -> Path:
+    """What ``raycyto sweep`` and ``jobs/sweep.py`` run: load, override, sweep or resume.
+
+    Args:
+        config: YAML config (required unless ``resume``).
+        data: overrides ``data.source`` (path, manifest, URI or "synthetic").
+        out: EXP_DIR (default ``<storage>/<name>-<timestamp>``).
+        resume: an interrupted EXP_DIR to continue.
+        progress: rich progress and the summary table.
+
+    Returns:
+        The experiment directory.
+    """
+    if resume is not None:
+        if config is not None or data is not None:
+            raise ConfigError("--resume", "takes no --config/--data: the sweep's own config.yaml is used")
+        return resume_sweep(resume, progress=progress)
+    if config is None:
+        raise ConfigError("--config", "a sweep config YAML is required (e.g. jobs/configs/demo.yaml)")
+    cfg = load_config(config)
+    if data is not None:
+        cfg = cfg.replace(**{"data.source": data})
+    return run_sweep(cfg, out=out, progress=progress)
