@@ -42,3 +42,34 @@ def leuk_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("leuk")
     generate("leukemia", out, patients=10, per_patient=2, seed=0, size=64, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(ray_local, karyo_dir, tmp_path_factory) -> Path:
+    """EXP_DIR of one tiny real sweep on ``karyo_dir`` (complete per the contract).
+
+    efficientnet_lite0 (pretrained, frozen) x heads a, k; 3 folds; 2 optuna samples per cell
+    (4 trials); 2 epochs; 64 px input; 2 karyogram-policy copies; 10 MC passes. One trial
+    raises once after its first fold (the ``RAYCYTO_FAIL_ONCE`` test hook; the marker file is
+    ``EXP_DIR.parent / "fail_once.marker"``) and is retried from its checkpoint.
+    """
+    from raycyto.config import load_config
+    from raycyto.tune.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("tiny_experiment")
+    cfg = load_config({
+        "name": "tiny",
+        "data": {"source": str(karyo_dir), "positive_class": "abnormal", "image_size": 64,
+                 "input_size": 64, "policy": "karyogram", "copies": 2},
+        "cv": {"folds": 3, "val_fraction": 0.2, "seed": 0},
+        "grid": {"backbones": ["efficientnet_lite0"], "finetune": ["frozen"], "heads": ["a", "k"]},
+        "search": {"algorithm": "optuna", "samples": 2, "lr": [1e-3, 1e-2], "batch_size": [8, 16]},
+        "train": {"epochs": 2},
+        "resources": {"cpus_per_trial": 1, "max_concurrent": 2, "feature_batch_size": 16},
+        "mc": {"passes": 10, "threshold": 0.8},
+    })
+    os.environ["RAYCYTO_FAIL_ONCE"] = str(root / "fail_once.marker")
+    try:
+        return run_sweep(cfg, out=root / "exp", progress=False)
+    finally:
+        os.environ.pop("RAYCYTO_FAIL_ONCE", None)
