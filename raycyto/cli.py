@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from raycyto import run as run_cmd
 from raycyto.analysis import cli as analysis_cli
 from raycyto.data import cli as data_cli
 from raycyto.models import cli as models_cli
@@ -25,6 +26,7 @@ app.command("report")(analysis_cli.report)
 app.command("export")(serve_cli.export)
 app.command("serve")(serve_cli.serve)
 app.command("predict")(serve_cli.predict)
+app.command("run")(run_cmd.run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""``raycyto run``: the main job end to end, as a newcomer meets it.
+
+generate the synthetic set -> sweep (demo config) -> report -> export the best model ->
+start the endpoint -> send it a few images (two classes and one broken file) -> print the
+answers and where everything is -> shut down.
+
+Every step calls the same functions as its own sub-command (``raycyto synth``, ``sweep``,
+``report``, ``export``, ``serve``); nothing here is specific to the demo except the choice
+of inputs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+#: task -> the demo config shipped in jobs/configs (relative to the repository root).
+DEMO_CONFIGS = {"karyogram": "demo.yaml", "leukemia": "demo_leukemia.yaml"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where the main job left its results."""
+
+    data: Path
+    experiment: Path
+    report: Path
+    model: Path
+    answers: list[dict]
+
+
+def demo_config_path(task: str) -> Path:
+    """The shipped demo config of ``task``; a clear error when the checkout lacks it."""
+    from raycyto.errors import ConfigError
+
+    if task not in DEMO_CONFIGS:
+        raise ConfigError("--task", f"unknown task {task!r}; known: {', '.join(DEMO_CONFIGS)}")
+    path = REPO_ROOT / "jobs" / "configs" / DEMO_CONFIGS[task]
+    if not path.is_file():
+        raise ConfigError("--config", f"{path} not found (raycyto installed outside its repository?); "
+                                      "pass --config jobs/configs/demo.yaml from a checkout")
+    return path
+
+
+def _sample_images(data_dir: Path, positive: Optional[str]) -> list[tuple[str, str, bytes, str]]:
+    """One image of the positive class, one of another class, and one broken file.
+
+    Returns:
+        (name, true label, bytes, content type) per request.
+    """
+    import pandas as pd
+
+    manifest = pd.read_csv(data_dir / "manifest.csv").sort_values("path")
+    labels = list(dict.fromkeys(manifest["label"]))
+    first = positive if positive in labels else labels[0]
+    second = next(lab for lab in labels if lab != first)
+    picks = []
+    for label in (second, first):
+        rel = manifest.loc[manifest["label"] == label, "path"].iloc[0]
+        picks.append((rel, label, (data_dir / rel).read_bytes(), "image/png"))
+    broken = picks[0][2][: len(picks[0][2]) // 3]  # a truncated PNG, as an interrupted upload leaves it
+    picks.append(("broken.png (truncated)", "-", broken, "image/png"))
+    return picks
+
+
+def query_endpoint(url: str, images: list[tuple[str, str, bytes, str]], timeout: float = 120.0) -> list[dict]:
+    """POST each image to ``url`` as multipart and collect status + JSON answers."""
+    import httpx
+
+    answers = []
+    with httpx.Client(timeout=timeout) as client:
+        for name, truth, data, ctype in images:
+            r = client.post(url, files={"file": (Path(name).name, data, ctype)})
+            answers.append({"image": name, "true": truth, "status": r.status_code, "body": r.json()})
+    return answers
+
+
+def _print_answers(answers: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="answers from POST /predict")
+    for col in ("image", "true", "HTTP", "label", "confidence", "refer", "passes", "replicas / message"):
+        table.add_column(col)
+    for a in answers:
+        b = a["body"]
+        if a["status"] == 200:
+            table.add_row(a["image"], a["true"], str(a["status"]), b["label"], f"{b['confidence']:.2f}",
+                          str(b["refer"]), str(b["passes"]), str(b["replicas"]))
+        else:
+            table.add_row(a["image"], a["true"], str(a["status"]), "-", "-", "-", "-",
+                          str(b.get("detail") or b.get("message") or b)[:70])
+    Console().print(table)
+
+
+def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config: Optional[Path] = None,
+                 port: int = 8000, seed: Optional[int] = None) -> RunOutputs:
+    """Run the whole pipeline once and return where its outputs are.
+
+    Args:
+        task: "karyogram" (default) or "leukemia".
+        out: folder for data/, experiment/, report/ and model/ (earlier results there are replaced).
+        config: sweep config (default: the task's demo config in jobs/configs).
+        port: HTTP port of the temporary endpoint.
+        seed: overrides the data, cross-validation and search seeds of the config.
+    Returns:
+        The output paths and the endpoint's answers.
+    """
+    import ray
+    from ray import serve
+    from rich.console import Console
+
+    from raycyto.analysis.report import write_report
+    from raycyto.config import load_config
+    from raycyto.serve.app import AppArgs, build_app
+    from raycyto.serve.export import export_model
+    from raycyto.synth import generate
+    from raycyto.tune.sweep import ensure_ray, run_sweep
+
+    console = Console()
+    out = Path(out).resolve()
+    cfg = load_config(config or demo_config_path(task))
+    if seed is not None:
+        cfg = cfg.replace(**{"data.synthetic.seed": seed, "cv.seed": seed, "search.seed": seed})
+    syn = cfg.data.synthetic
+    paths = {name: out / name for name in ("data", "experiment", "report", "model")}
+    for name in ("experiment", "report", "model"):
+        if paths[name].exists():
+            console.print(f"[dim]replacing the earlier {paths[name]}[/dim]")
+            shutil.rmtree(paths[name])
+    t0 = time.time()
+
+    console.rule(f"1/5 synthetic {syn.task} images")
+    extra = {"abnormal_fraction": syn.abnormal_fraction} if syn.abnormal_fraction is not None else {}
+    generate(syn.task, paths["data"], patients=syn.patients, per_patient=syn.per_patient, seed=syn.seed,
+             size=syn.size, progress=True, **extra)
+    cfg = cfg.replace(**{"data.source": str(paths["data"]), "storage": str(out)})
+
+    console.rule("2/5 sweep on Ray Tune")
+    ensure_ray()
+    run_sweep(cfg, out=paths["experiment"], progress=True)
+
+    console.rule("3/5 report")
+    html = write_report(paths["experiment"], paths["report"], progress=True)
+
+    console.rule("4/5 export the best model (chosen on validation folds)")
+    export_model(paths["experiment"], paths["model"])
+
+    console.rule("5/5 endpoint on Ray Serve")
+    app = build_app(AppArgs(model_dir=str(paths["model"]), backbone_num_cpus=0.5, mc_num_cpus=0.25,
+                            ingress_num_cpus=0.1))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name="raycyto", route_prefix="/")
+        answers = query_endpoint(f"http://127.0.0.1:{port}/predict",
+                                 _sample_images(paths["data"], cfg.data.positive_class))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    _print_answers(answers)
+
+    console.rule(f"done in {time.time() - t0:.0f} s")
+    for name, path in (("data", paths["data"]), ("experiment", paths["experiment"]),
+                       ("report", html), ("model", paths["model"])):
+        console.print(f"{name:>10}: {path}")
+    console.print(f"{'serve it':>10}: raycyto serve {paths['model']}   "
+                  f"(or: serve run serve_configs/local.yaml)")
+    return RunOutputs(paths["data"], paths["experiment"], Path(html), paths["model"], answers)
+
+
+def run(
+    task: str = typer.Option("karyogram", "--task", help="karyogram | leukemia"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/demo or runs/leukemia)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="sweep config (default: the task's demo config)"),
+    port: int = typer.Option(8000, "--port", help="port of the temporary endpoint"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the data / CV / search seeds"),
+) -> None:
+    """The main job: synthetic data -> sweep -> report -> export -> endpoint -> answers.
+
+    Example: raycyto run            (karyograms, outputs in runs/demo)
+    Example: raycyto run --task leukemia
+    """
+    from raycyto.errors import RaycytoError
+
+    default_out = Path("runs/demo") if task == "karyogram" else Path(f"runs/{task}")
+    try:
+        result = run_main_job(task, out or default_out, config, port, seed)
+    except RaycytoError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if any(a["status"] >= 500 for a in result.answers):
+        raise typer.Exit(1)
