@@ -100,3 +100,14 @@ def test_none_policy_returns_the_original_for_every_copy():
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(ConfigError, match="known: \\['karyogram', 'leukemia', 'none'\\]"):
         augment(_karyogram_like(), "flipflop", 0, "k", 1)
+
+
+def test_karyogram_policy_keeps_the_mask_of_synthetic_karyograms(karyo_dir):
+    from raycyto.data.decode import load_image
+    from raycyto.data.sources import read_source
+
+    for path in read_source(karyo_dir).df["path"][:2]:
+        img = load_image(path)
+        assert _mask(img).mean() > 0.02
+        worst = max(_mask_disagreement_off_edges(img, augment(img, "karyogram", 0, path, c)) for c in range(1, 9))
+        assert worst <= MAX_NOISE_FRACTION + 0.005

@@ -38,6 +38,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int)
     Returns:
         the batch plus ``image`` ([B] of [S,S,3] uint8, or [0,0,3] on error) and ``error`` ([B] str).
     """
+    import cv2
+
+    cv2.setNumThreads(1)  # one Ray task per CPU already; cv2's own threads would oversubscribe
     images, errors = [], []
     for path in batch["path"]:
         try:
@@ -71,7 +74,8 @@ def expand_batch(batch: dict[str, np.ndarray], policy: str, copies: int, seed: i
     out = {k: np.array(v, dtype=object) for k, v in cols.items() if k not in ("image", "label", "copy")}
     out["label"] = np.array(cols["label"], dtype=np.int64)
     out["copy"] = np.array(cols["copy"], dtype=np.int64)
-    out["image"] = cols["image"]
+    same = len({im.shape for im in cols["image"]}) == 1
+    out["image"] = np.stack(cols["image"]) if same else cols["image"]  # [B', S, S, 3] when all ok
     return out
 
 
