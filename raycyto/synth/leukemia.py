@@ -188,6 +188,7 @@ def _kidney_nucleus(f: _Field, r: float):
 
 
 def neutrophil(f: _Field, cx: float, cy: float) -> float:
+    """Segmented neutrophil: 3-5 nuclear lobes, pale granular cytoplasm. Returns its radius."""
     r = f.rbc * f.rng.uniform(1.35, 1.6)
     _white_cell(f, cx, cy, r, "pale", 1.0, _lobed_nucleus(f, r, int(f.rng.integers(3, 6))),
                 1.0, True, granules=("granule", 0.35))
@@ -195,6 +196,7 @@ def neutrophil(f: _Field, cx: float, cy: float) -> float:
 
 
 def band_cell(f: _Field, cx: float, cy: float) -> float:
+    """Band neutrophil: unsegmented C-shaped nucleus."""
     r = f.rbc * f.rng.uniform(1.35, 1.6)
     _white_cell(f, cx, cy, r, "pale", 1.0, _band_nucleus(f, r), 0.95, True,
                 granules=("granule", 0.35))
@@ -202,6 +204,7 @@ def band_cell(f: _Field, cx: float, cy: float) -> float:
 
 
 def metamyelocyte(f: _Field, cx: float, cy: float) -> float:
+    """Metamyelocyte: kidney-shaped (indented) nucleus, granular cytoplasm."""
     r = f.rbc * f.rng.uniform(1.45, 1.7)
     _white_cell(f, cx, cy, r, "pale", 1.1, _kidney_nucleus(f, r), 0.9, True,
                 granules=("granule", 0.4))
@@ -209,6 +212,7 @@ def metamyelocyte(f: _Field, cx: float, cy: float) -> float:
 
 
 def myelocyte(f: _Field, cx: float, cy: float) -> float:
+    """Myelocyte: round eccentric nucleus, abundant granular cytoplasm."""
     r = f.rbc * f.rng.uniform(1.5, 1.85)
     _, _, sdf = _round_nucleus(f, 0.55 * r, 0.25 * r, 0.05)
     _white_cell(f, cx, cy, r, "pale", 1.25, sdf, 0.85, True, granules=("granule", 0.55))
@@ -216,6 +220,7 @@ def myelocyte(f: _Field, cx: float, cy: float) -> float:
 
 
 def basophil(f: _Field, cx: float, cy: float) -> float:
+    """Basophil: bilobed nucleus obscured by coarse dark granules."""
     r = f.rbc * f.rng.uniform(1.2, 1.45)
 
     def granules(dx, dy, od):
@@ -318,6 +323,7 @@ def red_cell(f: _Field, cx: float, cy: float, strength: float) -> None:
 
 
 def platelet(f: _Field, cx: float, cy: float) -> None:
+    """Small purple platelet clump (class-independent)."""
     r = f.rbc * f.rng.uniform(0.15, 0.28)
 
     def layers(dx, dy):
