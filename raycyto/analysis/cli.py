@@ -35,4 +35,21 @@ def report(
     except RaycytoError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    import pandas as pd
+
+    summary = pd.read_csv(path.parent / "summary.csv")
+    best = summary[summary["best"]].iloc[0]
+    console.print(f"best on validation {best['select_metric']}: {best['config']} (trial "
+                  f"{best['trial_id']}); test accuracy {best['accuracy_mean']:.3f} ± "
+                  f"{best['accuracy_std']:.3f}, recall {best['recall_mean']:.3f} ± "
+                  f"{best['recall_std']:.3f}", highlight=False, soft_wrap=True)
+    if target_recall is not None:
+        t = pd.read_csv(path.parent / "thresholds.csv")
+        t = t[t["best"]].iloc[0]
+        console.print(f"recall {target_recall:g} on validation needs MC threshold "
+                      f"{t['threshold']:.3g} (refers {t['val_referral_rate']:.1%}); on test it "
+                      f"refers {t['test_referral_rate']:.1%} with recall {t['test_recall_kept']:.3f}"
+                      if pd.notna(t["threshold"]) else
+                      f"no MC threshold reaches recall {target_recall:g} on validation",
+                      highlight=False, soft_wrap=True)
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)

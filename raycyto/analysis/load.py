@@ -15,13 +15,14 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from raycyto.errors import RaycytoError
 
+T = TypeVar("T")
 REQUIRED_FILES = ("config.yaml", "experiment.json", "results.csv", "predictions.parquet")
 CELL = ["backbone", "finetune", "head"]   # one configuration of the grid
 RESULTS_COLUMNS = ["trial_id", *CELL, "lr", "batch_size", "status"]
@@ -57,7 +58,24 @@ class Experiment:
     class_names: list[str]
     positive: int | None
     threshold: float
+    progress: bool = False                                              # rich bars on long loops
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)   # derived tables
+
+    def track(self, items: Iterable[T], total: int, description: str) -> Iterator[T]:
+        """``items``, with a transient rich progress bar when ``progress`` is on."""
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not self.progress or total < 2 or not console.is_terminal:
+            yield from items
+            return
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
 
     @property
     def num_classes(self) -> int:
@@ -163,15 +181,23 @@ def _read_predictions(path: Path, progress: bool) -> pd.DataFrame:
     n_groups = pf.metadata.num_row_groups
     tables = []
     if progress and n_groups > 1:  # only a multi-row-group file is worth a bar
+        from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(transient=True) as bar:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"reading {path.name}", total=n_groups)
             for i in range(n_groups):
                 tables.append(pf.read_row_group(i))
                 bar.advance(task)
     else:
-        tables = [pf.read()]
+        if progress:
+            from rich.console import Console
+
+            with Console(stderr=True).status(f"reading {path.name} "
+                                              f"({pf.metadata.num_rows} rows)"):
+                tables = [pf.read()]
+        else:
+            tables = [pf.read()]
     import pyarrow as pa
 
     return pa.concat_tables(tables).to_pandas()
@@ -254,4 +280,4 @@ def load_experiment(exp_dir: str | Path, progress: bool = False) -> Experiment:
     config_text = (exp_dir / "config.yaml").read_text()
     return Experiment(exp_dir=exp_dir, meta=meta, config_text=config_text, results=results,
                       predictions=preds, class_names=class_names, positive=positive,
-                      threshold=float(mc["threshold"]))
+                      threshold=float(mc["threshold"]), progress=progress)

@@ -115,17 +115,8 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, metric:
         df.to_csv(out / f"{name}.csv", index=False)
 
     jobs = _figure_jobs(exp, best, summary, tables["hpo"], out)
-    if progress:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("drawing figures", total=len(jobs))
-            for _, _, draw in jobs:
-                draw()
-                bar.advance(task)
-    else:
-        for _, _, draw in jobs:
-            draw()
+    for _, _, draw in exp.track(jobs, len(jobs), "drawing figures"):
+        draw()
 
     is_best = lambda df: (df["config"] == best["config"]).to_numpy()  # noqa: E731
     sections = [

@@ -56,7 +56,8 @@ def trial_scores(exp: Experiment, metric: str | None = None) -> pd.Series:
         pd.Series(np.nan, index=res.index)
     if fn is not None:
         val = exp.val_predictions
-        for trial, rows in val.groupby("trial_id", sort=False):
+        groups = val.groupby("trial_id", sort=False)
+        for trial, rows in exp.track(groups, groups.ngroups, f"validation {metric} per trial"):
             per_fold = [fn(g["label"].to_numpy(), g["pred"].to_numpy(),
                            g[exp.prob_columns].to_numpy(), exp.positive)
                         for _, g in rows.groupby("fold")]
@@ -147,7 +148,7 @@ def folds_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
     sel = selection_table(exp, metric)
     test = exp.test_predictions
     rows = []
-    for s in sel.itertuples(index=False):
+    for s in exp.track(sel.itertuples(index=False), len(sel), "test metrics per configuration"):
         for fold, g in test[test["trial_id"] == s.trial_id].groupby("fold"):
             rows.append({"config": s.config, "backbone": s.backbone, "finetune": s.finetune,
                          "head": s.head, "trial_id": s.trial_id, "fold": int(fold),
