@@ -149,3 +149,33 @@ def feature_rows_for_split(fs: FeatureSet, table_paths: np.ndarray, split: Any) 
     return {"train": fs.rows(table_paths[split.train], copies=True),
             "val": fs.rows(table_paths[split.val], copies=False),
             "test": fs.rows(table_paths[split.test], copies=False)}
+
+
+def compute_features_local(table: "SourceTable", backbone: str, data: "DataConfig", batch_size: int = 32,
+                           seed: int = 0, pretrained: bool = True,
+                           extractor: Optional[FeatureExtractor] = None) -> FeatureSet:
+    """The same FeatureSet computed in this process without Ray (no cache: the benchmark baseline
+    that re-runs the backbone inside every trial and fold).
+
+    Args:
+        table: source images; data: image_size, input_size, policy, copies; seed: augmentation seed.
+        extractor: reuse an already built extractor.
+
+    Returns:
+        FeatureSet sorted by (path, copy).
+    """
+    from raycyto.data.augment import augment
+    from raycyto.data.decode import load_image
+
+    extractor = extractor or FeatureExtractor(backbone, data.input_size, pretrained)
+    rows = []  # (path, label, group, copy, image)
+    for path, label, group in table.df[["path", "label", "group"]].itertuples(index=False):
+        image = load_image(str(path), data.image_size)
+        rows += [(str(path), int(label), str(group), c, augment(image, data.policy, seed, str(path), c))
+                 for c in range(data.copies)]
+    rows.sort(key=lambda r: (r[0], r[3]))
+    feats = [extractor({"image": [r[4] for r in rows[i:i + batch_size]], "path": None, "label": None,
+                        "group": None, "copy": None})["features"] for i in range(0, len(rows), batch_size)]
+    return FeatureSet(backbone=backbone, features=np.concatenate(feats).astype(np.float32),
+                      path=np.array([r[0] for r in rows], dtype=str), label=np.array([r[1] for r in rows], np.int64),
+                      group=np.array([r[2] for r in rows], dtype=str), copy=np.array([r[3] for r in rows], np.int64))

@@ -96,8 +96,12 @@ def resolve_positive(cfg: SweepConfig, class_names: list[str]) -> Optional[int]:
     return class_names.index(name) if len(class_names) == 2 else None
 
 
-def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tuple[Any, dict]:
-    """Data, splits and the feature cache; returns (TrialContext, experiment.json data section)."""
+def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
+                  cache_features: bool = True) -> tuple[Any, dict]:
+    """Data, splits and the feature cache; returns (TrialContext, experiment.json data section).
+
+    ``cache_features=False`` is the benchmark baseline: no cache, frozen trials re-run the
+    backbone in every fold."""
     import ray
 
     from raycyto.data.splits import kfold_splits
@@ -109,13 +113,14 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tup
     labels, groups = table.df["label"].to_numpy(), table.df["group"].astype(str).to_numpy()
     splits = kfold_splits(labels, groups, k=cfg.cv.folds, val_fraction=cfg.cv.val_fraction, seed=cfg.cv.seed)
     refs = {}
-    for backbone in cfg.grid.backbones if "frozen" in cfg.grid.finetune else ():
+    for backbone in cfg.grid.backbones if "frozen" in cfg.grid.finetune and cache_features else ():
         t0 = time.time()
         fs = compute_features(table, backbone, cfg.data, cfg.resources, seed=cfg.cv.seed)
         refs[backbone] = ray.put(fs)
         _log(progress, f"features {backbone}: {fs.features.shape} in {time.time() - t0:.1f}s (cached)")
     ctx = TrialContext(cfg=cfg, exp_dir=str(exp_dir), table=table, splits=splits, positive=positive,
-                       feature_refs=refs, fail_once=os.environ.get(FAIL_ONCE_ENV) or None)
+                       feature_refs=refs, fail_once=os.environ.get(FAIL_ONCE_ENV) or None,
+                       cache_features=cache_features)
     paths = table.df["path"].astype(str).to_numpy()
     data = {
         "source": cfg.data.source,
@@ -150,7 +155,7 @@ def _tuner(cfg: SweepConfig, ctx: Any, exp_dir: Path, progress: bool, restore: b
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=searcher.total_samples,
                                     metric=cfg.search.metric, mode=cfg.search.resolved_mode,
-                                    max_concurrent_trials=res.max_concurrent),
+                                    max_concurrent_trials=res.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=tune_path.rsplit("/", 1)[0],
                                   failure_config=tune.FailureConfig(max_failures=res.max_failures),
                                   # checkpoints are tiny (finished folds' metrics); keeping them
@@ -203,7 +208,7 @@ def collect(grid: Any, cfg: SweepConfig, exp_dir: Path) -> pd.DataFrame:
 
 
 def _write_experiment(cfg: SweepConfig, ctx: Any, data: dict, exp_dir: Path, started: float,
-                      finished: Optional[float]) -> None:
+                      finished: Optional[float], tune_wall_s: Optional[float] = None) -> None:
     doc = {
         "name": cfg.name,
         "task": cfg.data.synthetic.task if cfg.data.source == "synthetic" else (
@@ -218,6 +223,7 @@ def _write_experiment(cfg: SweepConfig, ctx: Any, data: dict, exp_dir: Path, sta
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
         "wall_s": None if finished is None else round(finished - started, 2),
+        "tune_wall_s": None if tune_wall_s is None else round(tune_wall_s, 2),
         "raycyto_version": raycyto.__version__,
     }
     (exp_dir / "experiment.json").write_text(json.dumps(doc, indent=2, default=str))
@@ -230,7 +236,7 @@ def default_exp_dir(cfg: SweepConfig) -> Path:
 
 
 def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = True,
-              resume: bool = False) -> Path:
+              resume: bool = False, cache_features: bool = True) -> Path:
     """Run (or, with ``resume``, continue) a sweep and fill the experiment directory.
 
     Args:
@@ -238,6 +244,7 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
         out: EXP_DIR (default: ``default_exp_dir(cfg)``).
         progress: rich progress output.
         resume: continue the Tune run in ``out``; finished trials are not re-run.
+        cache_features: False only for the benchmark baseline (backbone re-run per fold).
 
     Returns:
         The experiment directory.
@@ -250,12 +257,14 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
         dump_config(cfg, exp_dir / "config.yaml")
     ensure_ray()
     started = time.time()
-    ctx, data = build_context(cfg, exp_dir, progress)
+    ctx, data = build_context(cfg, exp_dir, progress, cache_features=cache_features)
     _write_experiment(cfg, ctx, data, exp_dir, started, None)
-    tuner, callback = _tuner(cfg, ctx, exp_dir, progress, restore=resume)
+    tuner, _ = _tuner(cfg, ctx, exp_dir, progress, restore=resume)
+    t_fit = time.time()
     grid = tuner.fit()
+    tune_wall = time.time() - t_fit
     results = collect(grid, cfg, exp_dir)
-    _write_experiment(cfg, ctx, data, exp_dir, started, time.time())
+    _write_experiment(cfg, ctx, data, exp_dir, started, time.time(), tune_wall)
     if _is_uri(cfg.storage):
         _upload(exp_dir, f"{cfg.storage.rstrip('/')}/{exp_dir.name}")
     if progress:

@@ -51,6 +51,7 @@ class TrialContext:
     positive: Optional[int]        # positive class index (binary) or None (multiclass)
     feature_refs: dict[str, Any] = field(default_factory=dict)
     fail_once: Optional[str] = None
+    cache_features: bool = True    # False: benchmark baseline, the backbone re-runs in every fold
 
     @property
     def class_names(self) -> list[str]:
@@ -131,7 +132,8 @@ class FoldRunner:
         self.frozen = config["finetune"] == "frozen"
         self.head_kwargs = dict(self.cfg.grid.head_kwargs.get(config["head"], {}))
         self.num_classes = len(ctx.class_names)
-        self.features = ray.get(ctx.feature_refs[config["backbone"]]) if self.frozen else None
+        cached = self.frozen and ctx.cache_features
+        self.features = ray.get(ctx.feature_refs[config["backbone"]]) if cached else None
         self._build = lambda seed: build_classifier(config["backbone"], config["head"], self.num_classes,
                                                     config["finetune"], pretrained=True,
                                                     head_kwargs=self.head_kwargs, seed=seed)
@@ -158,6 +160,12 @@ class FoldRunner:
         from raycyto.tune.train import train_head
 
         fs, seed = self.features, self.cfg.cv.seed * 1000 + split.fold
+        if fs is None:  # no cache (benchmark baseline): run the backbone over this fold's images
+            from raycyto.tune.features import compute_features_local
+
+            used_idx = np.concatenate([split.train, split.val, split.test])
+            fs = compute_features_local(_subtable(self.ctx.table, used_idx), self.config["backbone"], self.cfg.data,
+                                        self.cfg.resources.feature_batch_size, seed=self.cfg.cv.seed)
         rows = feature_rows_for_split(fs, self.ctx.paths, split)
         train = equalize(rows["train"], fs.label, seed) if self.cfg.data.equalize else rows["train"]
         result = train_head(self.config["head"], fs.features[train], fs.label[train], fs.features[rows["val"]],

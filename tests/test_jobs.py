@@ -1,0 +1,89 @@
+"""Ray Jobs: ``ray job submit`` of a tiny sweep against a local ``ray start --head`` (token auth on)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Kill only the processes of the head we started (their command lines name our temp dir);
+    ``ray stop`` would also stop every other Ray on this machine."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except psutil.Error:
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "job",
+        "data": {"source": str(karyo_dir), "positive_class": "abnormal", "image_size": 64, "input_size": 64},
+        "cv": {"folds": 2},
+        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a"]},
+        "search": {"algorithm": "random", "samples": 1, "batch_size": [8]},
+        "train": {"epochs": 1},
+        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
+        "mc": {"passes": 5},
+    }))
+    out = tmp_path / "exp"
+    temp_dir = tempfile.mkdtemp(prefix="rcj", dir="/tmp")  # short: Ray's socket paths are length-limited
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={gcs}", "--include-dashboard=true",
+                        f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+        job = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                              "--", "python", "jobs/sweep.py", "--config", str(config), "--out", str(out),
+                              "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+    finally:
+        _stop_head(temp_dir)
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 1 and results["status"].eq("TERMINATED").all()
+    assert (out / "predictions.parquet").is_file() and (out / "checkpoints").is_dir()
+
+
+def test_job_entrypoints_show_help_without_importing_ray():
+    for script in ("sweep.py", "report.py", "export.py"):
+        proc = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--help"], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr
