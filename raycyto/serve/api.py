@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from raycyto.serve.validation import (
     IMAGE_CONTENT_TYPES,
@@ -30,6 +36,7 @@ from raycyto.serve.validation import (
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1
+MAX_FAN_OUT = 64
 OIP_DATATYPES = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
                         "INT64", "FP16", "FP32", "FP64", "BYTES"]
 
@@ -47,8 +54,9 @@ class Backend(Protocol):
     default_passes: int
     default_threshold: float
 
-    async def predict(self, image: np.ndarray, passes: int, threshold: float, seed: int) -> dict[str, Any]:
-        """Predict one uint8 ``[H, W, 3]`` image; returns the /predict JSON."""
+    async def predict(self, image: np.ndarray, passes: int, threshold: float, seed: int,
+                      fan_out: int | None = None) -> dict[str, Any]:
+        """Predict one uint8 ``[H, W, 3]`` image (``fan_out`` None = backend default); returns the /predict JSON."""
 
     async def ready(self) -> bool:
         """True when every deployment behind the API can answer."""
@@ -82,6 +90,7 @@ class PredictParams(BaseModel):
     passes: int | None = Field(None, ge=1, description="stochastic MC-dropout passes T")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="refer below this confidence")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the MC passes")
+    fan_out: int | None = Field(None, ge=1, le=MAX_FAN_OUT, description="chunks the passes are split into")
 
 
 class InferTensor(BaseModel):
@@ -113,7 +122,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 
 def _params(query: dict[str, Any], extra: dict[str, Any], settings: ApiSettings) -> PredictParams:
     """Merge query and form/OIP parameters (query wins) and validate them (422 on error)."""
-    merged = {k: v for k, v in {**extra, **query}.items() if v not in (None, "")}
+    given = lambda d: {k: v for k, v in d.items() if v is not None and v != ""}  # noqa: E731
+    merged = {**given(extra), **given(query)}
     try:
         p = PredictParams.model_validate(merged)
     except ValidationError as e:
@@ -124,7 +134,7 @@ def _params(query: dict[str, Any], extra: dict[str, Any], settings: ApiSettings)
     return p
 
 
-def build_api(backend: Backend, settings: ApiSettings) -> Any:
+def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     """Build the FastAPI app (wrapped in the body-size middleware).
 
     Args:
@@ -133,13 +143,6 @@ def build_api(backend: Backend, settings: ApiSettings) -> Any:
     Returns:
         the FastAPI app (body-size middleware installed).
     """
-    from fastapi import Depends, FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
-
     api = FastAPI(title="raycyto", version="1",
                   description="Karyogram / blood-smear classification with MC-dropout confidence.")
     bearer = HTTPBearer(auto_error=False)
@@ -192,7 +195,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> Any:
         return await backend.predict(
             image, p.passes or backend.default_passes,
             backend.default_threshold if p.threshold is None else p.threshold,
-            settings.seed if p.seed is None else p.seed)
+            settings.seed if p.seed is None else p.seed, p.fan_out)
 
     # ------------------------------------------------------------------ /predict
     upload_doc = {"requestBody": {"required": True, "content": {
@@ -200,7 +203,8 @@ def build_api(backend: Backend, settings: ApiSettings) -> Any:
             "file": {"type": "string", "format": "binary"},
             "passes": {"type": "integer", "minimum": 1},
             "threshold": {"type": "number", "minimum": 0, "maximum": 1},
-            "seed": {"type": "integer", "minimum": 0}}}},
+            "seed": {"type": "integer", "minimum": 0},
+            "fan_out": {"type": "integer", "minimum": 1, "maximum": MAX_FAN_OUT}}}},
         **{ct: {"schema": {"type": "string", "format": "binary"}}
            for ct in ("image/png", "image/jpeg", "image/tiff", "image/bmp")}}}}
 
@@ -209,12 +213,13 @@ def build_api(backend: Backend, settings: ApiSettings) -> Any:
     async def predict(request: Request,
                       passes: int | None = Query(None, ge=1, le=settings.max_passes),
                       threshold: float | None = Query(None, ge=0.0, le=1.0),
-                      seed: int | None = Query(None, ge=0, le=MAX_SEED)) -> dict[str, Any]:
+                      seed: int | None = Query(None, ge=0, le=MAX_SEED),
+                      fan_out: int | None = Query(None, ge=1, le=MAX_FAN_OUT)) -> dict[str, Any]:
         """One image as multipart field ``file`` or as the raw body (image/png, jpeg, tiff, bmp).
 
         Example: ``curl -F file=@cell.png 'localhost:8000/predict?passes=100'``
         """
-        query = {"passes": passes, "threshold": threshold, "seed": seed}
+        query = {"passes": passes, "threshold": threshold, "seed": seed, "fan_out": fan_out}
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=8)

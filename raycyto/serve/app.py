@@ -210,10 +210,11 @@ class Ingress:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise ServiceUnavailable(f"model replicas unavailable ({type(last).__name__})")
 
-    async def predict(self, image: np.ndarray, passes: int, threshold: float, seed: int) -> dict[str, Any]:
+    async def predict(self, image: np.ndarray, passes: int, threshold: float, seed: int,
+                      fan_out: Optional[int] = None) -> dict[str, Any]:
         """Embed once, run the passes' chunks concurrently on MC replicas, summarise."""
         x = await self._call(self.backbone.embed, image)
-        plan = chunk_plan(passes, self.fan_out, seed)
+        plan = chunk_plan(passes, fan_out or self.fan_out, seed)
         outs = await asyncio.gather(*[self._call(self.mc.run, x, n, s) for n, s in plan])
         probs = np.concatenate([o["probs"] for o in outs])  # [T, C], chunk order
         ids = sorted({o["replica"] for o in outs})

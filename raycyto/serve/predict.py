@@ -204,13 +204,14 @@ class LocalPredictor:
         self.max_pixels = max_pixels
 
     def predict_image(self, image: np.ndarray, passes: int | None = None,
-                      threshold: float | None = None, seed: int | None = None) -> dict[str, Any]:
+                      threshold: float | None = None, seed: int | None = None,
+                      fan_out: int | None = None) -> dict[str, Any]:
         """Predict one decoded uint8 image ``[H, W, 3]``; returns the /predict JSON."""
         m = self.model
         passes = passes or m.default_passes
         threshold = m.default_threshold if threshold is None else threshold
         x = m.embed([image])[0]
-        plan = chunk_plan(passes, self.fan_out, self.seed if seed is None else seed)
+        plan = chunk_plan(passes, fan_out or self.fan_out, self.seed if seed is None else seed)
         probs = np.concatenate([m.run_chunk(x, n, s) for n, s in plan])  # [T, C]
         return build_result(probs, threshold, m.class_names, m.info,
                             {"count": 1, "chunks": len(plan), "ids": ["in-process"]})
