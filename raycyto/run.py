@@ -85,18 +85,20 @@ def _print_answers(answers: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     table = Table(title="answers from POST /predict")
-    for col in ("image", "true", "HTTP", "label", "confidence", "refer", "passes", "replicas / message"):
+    for col in ("image", "true", "HTTP", "label", "conf.", "refer", "passes", "replicas"):
         table.add_column(col)
     for a in answers:
         b = a["body"]
-        if a["status"] == 200:
-            table.add_row(a["image"], a["true"], str(a["status"]), b["label"], f"{b['confidence']:.2f}",
-                          str(b["refer"]), str(b["passes"]), str(b["replicas"]))
-        else:
-            table.add_row(a["image"], a["true"], str(a["status"]), "-", "-", "-", "-",
-                          str(b.get("detail") or b.get("message") or b)[:70])
-    Console().print(table)
+        ok = a["status"] == 200
+        table.add_row(Path(a["image"]).name, a["true"], str(a["status"]),
+                      *((b["label"], f"{b['confidence']:.2f}", str(b["refer"]), str(b["passes"]),
+                         str(b["replicas"]["count"])) if ok else ("-",) * 5))
+    console.print(table)
+    for a in answers:
+        if a["status"] != 200:
+            console.print(f"{a['image']}: HTTP {a['status']}: {a['body'].get('message') or a['body']}")
 
 
 def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config: Optional[Path] = None,
