@@ -1,0 +1,198 @@
+"""Export (trial/fold selection, enriched verified bundle), Serve YAMLs, chunking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raycyto.errors import ConfigError, WeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from raycyto.models.classifier import build_classifier
+
+    return build_classifier("efficientnet_lite0", head="d", num_classes=2, pretrained=True)
+
+
+@pytest.fixture()
+def fake_experiment(tmp_path, classifier) -> Path:
+    """Two trials x two folds; validation and test metrics disagree on purpose."""
+    from raycyto.models.bundle import save_bundle
+
+    exp = tmp_path / "exp"
+    rows = []
+    # trial A: best on test, worse on validation; trial B: best on validation.
+    for trial, val_auc, test_auc, fold_aucs in (("A", 0.70, 0.99, (0.71, 0.69)),
+                                                 ("B", 0.90, 0.60, (0.85, [0.80, 0.93, 0.90]))):
+        for k, aucs in enumerate(fold_aucs):
+            aucs = aucs if isinstance(aucs, list) else [aucs]
+            hist = exp / "histories" / trial
+            hist.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"epoch": range(len(aucs)), "val_auc": aucs,
+                          "val_loss": [0.5] * len(aucs)}).to_csv(hist / f"fold{k}.csv", index=False)
+            save_bundle(exp / "checkpoints" / trial / f"fold{k}", classifier,
+                        {"class_names": ["normal", "abnormal"], "positive_class": "abnormal",
+                         "marker": f"{trial}-fold{k}"})
+        rows.append({"trial_id": trial, "backbone": "efficientnet_lite0", "finetune": "frozen", "head": "d",
+                     "lr": 1e-3, "batch_size": 8, "status": "TERMINATED", "val_auc": val_auc,
+                     "test_auc": test_auc, "val_loss": 1 - val_auc, "test_loss": 1 - test_auc,
+                     "val_accuracy": val_auc, "test_accuracy": test_auc, "time_s": 1.0,
+                     "history_dir": f"histories/{trial}", "checkpoint_dir": f"checkpoints/{trial}"})
+    pd.DataFrame(rows).to_csv(exp / "results.csv", index=False)
+    (exp / "config.yaml").write_text(yaml.safe_dump({"name": "fake", "train": {"select_metric": "auc"},
+                                                     "mc": {"passes": 30, "threshold": 0.7}}))
+    (exp / "experiment.json").write_text(json.dumps({
+        "task": "karyogram", "class_names": ["normal", "abnormal"], "positive_class": "abnormal",
+        "mc": {"passes": 30, "threshold": 0.7}, "select_metric": "auc"}))
+    return exp
+
+
+def test_export_picks_trial_and_fold_by_validation_metric_and_records_provenance(fake_experiment, tmp_path):
+    from raycyto.serve.export import export_model
+
+    out = export_model(fake_experiment, tmp_path / "model")
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["marker"] == "B-fold1"  # trial B (val 0.90 > 0.70, despite test 0.60), fold 1 (best epoch 0.93)
+    assert doc["selection"]["trial_id"] == "B" and doc["selection"]["fold"] == 1
+    assert doc["selection"]["fold_val"] == pytest.approx(0.93)
+    assert doc["metrics"]["val"]["auc"] == 0.90 and doc["metrics"]["test"]["auc"] == 0.60
+    assert doc["config"]["name"] == "fake" and doc["mc"]["passes"] == 30 and doc["mc"]["threshold"] == 0.7
+    for key in ("backbone", "finetune", "head", "class_names", "positive_class", "input_size", "mean", "std"):
+        assert key in doc, key
+    assert all(len(sha) == 64 for sha in doc["files"].values()) and doc["files"]
+
+
+def test_export_honours_best_metric_and_explicit_trial(fake_experiment, tmp_path):
+    from raycyto.serve.export import export_model
+
+    by_loss = json.loads((export_model(fake_experiment, tmp_path / "m1", best="loss") / "model.json").read_text())
+    assert by_loss["selection"]["trial_id"] == "B" and by_loss["selection"]["metric"] == "val_loss"
+    named = json.loads((export_model(fake_experiment, tmp_path / "m2", trial="A") / "model.json").read_text())
+    assert named["marker"] == "A-fold0"  # fold 0 has the better validation AUC (0.71)
+    with pytest.raises(ConfigError, match="--trial"):
+        export_model(fake_experiment, tmp_path / "m3", trial="Z")
+    with pytest.raises(ConfigError, match="unknown metric"):
+        export_model(fake_experiment, tmp_path / "m4", best="f2")
+
+
+def test_loading_refuses_a_tampered_export(fake_experiment, tmp_path):
+    from raycyto.serve.export import export_model
+    from raycyto.serve.predict import LocalPredictor
+
+    out = export_model(fake_experiment, tmp_path / "model")
+    LocalPredictor(out)  # verifies
+    weights = out / "head.pt"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        LocalPredictor(out)
+
+
+def test_export_cli_writes_the_bundle(fake_experiment, tmp_path):
+    from typer.testing import CliRunner
+
+    from raycyto.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(fake_experiment), "--out", str(tmp_path / "cli_model")])
+    assert res.exit_code == 0, res.output
+    assert "trial B fold 1" in res.output and (tmp_path / "cli_model" / "model.json").is_file()
+    bad = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "results.csv" in bad.output
+
+
+def test_export_of_a_real_sweep_serves_offline(tiny_experiment, karyo_dir, tmp_path):
+    from raycyto.serve.export import export_model
+    from raycyto.serve.predict import LocalPredictor
+
+    out = export_model(tiny_experiment, tmp_path / "model")
+    doc = json.loads((out / "model.json").read_text())
+    results = pd.read_csv(tiny_experiment / "results.csv")
+    col = doc["selection"]["metric"]
+    best = results.loc[pd.to_numeric(results[col], errors="coerce").idxmax()]
+    assert doc["selection"]["trial_id"] == str(best["trial_id"])
+    assert doc["class_names"] == ["abnormal", "normal"] or set(doc["class_names"]) == {"abnormal", "normal"}
+    assert doc["mc"]["passes"] == 10 and doc["config"]
+    image = next(p for p in sorted(karyo_dir.rglob("*.png")))
+    result = LocalPredictor(out).predict_bytes(image.read_bytes())
+    assert result["passes"] == 10 and result["label"] in doc["class_names"]
+
+
+# ------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "gpu_cluster.yaml"])
+def test_serve_yaml_validates_against_serve_schema_and_app_args(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from raycyto.serve.app import AppArgs
+
+    doc = yaml.safe_load((ROOT / "serve_configs" / name).read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    (app,) = schema.applications
+    assert app.import_path == "raycyto.serve.app:build_app"
+    AppArgs.model_validate(app.args)  # extra="forbid": a typo in args fails here
+    assert {d.name for d in app.deployments} <= {"Ingress", "Backbone", "MCHead"}
+
+
+def test_gpu_cluster_yaml_autoscales_gpu_backbones_with_bounded_queues_and_auth():
+    doc = yaml.safe_load((ROOT / "serve_configs" / "gpu_cluster.yaml").read_text())
+    (app,) = doc["applications"]
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert deps["Backbone"]["ray_actor_options"]["num_gpus"] >= 1
+    for d in deps.values():
+        assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(d["autoscaling_config"])
+        assert d["max_queued_requests"] > 0 and d["max_ongoing_requests"] > 0
+        assert d["health_check_period_s"] and d["health_check_timeout_s"]
+    assert doc["http_options"]["request_timeout_s"] and app["args"]["auth_token_file"]
+
+
+def test_app_args_reject_unknown_fields_and_bad_model_dir(tmp_path):
+    from pydantic import ValidationError
+
+    from raycyto.serve.app import AppArgs, build_app
+
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"model_dir": "x", "fanout": 2})
+    with pytest.raises(ConfigError, match="model_dir"):
+        build_app(AppArgs(model_dir=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------ chunking
+
+
+def test_chunk_plan_covers_all_passes_with_distinct_deterministic_seeds():
+    from raycyto.serve.predict import chunk_plan, resolve_fan_out
+
+    plan = chunk_plan(100, 3, seed=5)
+    assert [n for n, _ in plan] == [34, 33, 33]
+    assert len({s for _, s in plan}) == 3 and plan == chunk_plan(100, 3, seed=5)
+    assert chunk_plan(100, 3, seed=6) != plan
+    assert len(chunk_plan(2, 8, seed=0)) == 2  # never more chunks than passes
+    assert resolve_fan_out(None, "head", 4) == 1 and resolve_fan_out(None, "full", 4) == 4
+    assert resolve_fan_out(3, "head", 4) == 3
+
+
+def test_offline_predictor_is_deterministic_per_seed_and_chunking(classifier, tmp_path):
+    import cv2
+
+    from raycyto.models.bundle import save_bundle
+    from raycyto.serve.predict import LocalPredictor
+
+    save_bundle(tmp_path / "m", classifier, {"class_names": ["normal", "abnormal"]})
+    p = LocalPredictor(tmp_path / "m")
+    img = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    a, b = (p.predict_bytes(png, passes=50, seed=3, fan_out=2) for _ in range(2))
+    other = p.predict_bytes(png, passes=50, seed=4, fan_out=2)
+    assert a == b
+    assert a["probabilities"] != other["probabilities"]
+    assert a["replicas"] == {"count": 1, "chunks": 2, "ids": ["in-process"]}
