@@ -53,7 +53,10 @@ def _tune_space(lr: tuple[float, float], batch_sizes: tuple[int, ...]) -> dict[s
 
 
 def _optuna(lr, batch_sizes, metric, mode, seed):
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "study created" line per cell otherwise
 
     return OptunaSearch(OptunaSearch.convert_search_space(_tune_space(lr, batch_sizes)), metric=metric, mode=mode, seed=seed), _identity
 
@@ -81,7 +84,8 @@ def _bayesopt(lr, batch_sizes, metric, mode, seed):
 
     def decode(params: dict[str, Any]) -> dict[str, Any]:
         index = min(int(params["batch_index"]), len(batch_sizes) - 1)
-        return {"lr": float(math.exp(params["log_lr"])), "batch_size": int(batch_sizes[index])}
+        lr_value = min(max(math.exp(params["log_lr"]), lr[0]), lr[1])  # exp(log(x)) may round past x
+        return {"lr": float(lr_value), "batch_size": int(batch_sizes[index])}
 
     return searcher, decode
 
