@@ -294,3 +294,15 @@ def test_labels_given_as_class_names_and_multi_row_group_files_load(tmp_path, ca
     exp = load_experiment(exp_dir, progress=True)
     assert exp.predictions["mc_label"].isin([0, 1]).all()
     assert len(summary_table(exp)) == 2
+
+
+def test_failed_trials_are_never_selected(tmp_path):
+    exp_dir = fabricate_experiment(tmp_path / "e", seed=6)
+    exp = load_experiment(exp_dir)
+    first = selection_table(exp)["trial_id"].iloc[0]
+    res = pd.read_csv(exp_dir / "results.csv")
+    res.loc[res["trial_id"] == first, "status"] = "ERROR"
+    res.to_csv(exp_dir / "results.csv", index=False)
+    after = load_experiment(exp_dir)
+    assert first not in set(selection_table(after)["trial_id"])
+    assert np.isnan(hpo_table(after).set_index("trial_id").loc[first, "selection_score"])

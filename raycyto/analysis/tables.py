@@ -183,8 +183,10 @@ def summary_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
         for m in FOLD_METRICS:
             out.at[i, f"{m}_mean"] = f[m].mean()
             out.at[i, f"{m}_std"] = f[m].std()
-        out.at[i, "notes"] = "; ".join(f"fold {r.fold}: {r.notes}"
-                                       for r in f.itertuples() if r.notes)
+        notes = [f"fold {r.fold}: {r.notes}" for r in f.itertuples() if r.notes]
+        if pd.isna(s["val_score"]):
+            notes.insert(0, "no trial of this cell has a usable validation score (failed?)")
+        out.at[i, "notes"] = "; ".join(notes)
     return out
 
 
