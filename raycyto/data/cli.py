@@ -19,22 +19,14 @@ def _data() -> None:
 
 
 def _ensure_ray() -> None:
-    import logging
-
     import ray
-
 
     if not ray.is_initialized():
         ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False,
                  configure_logging=False, log_to_driver=False)
-    import ray.data
+    from raycyto.data.pipeline import quiet_ray_data
 
-    # rich prints our own progress and summary; Ray Data's per-dataset INFO lines would interleave
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # rich draws our own bar
-    ctx.print_on_execution_start = False
+    quiet_ray_data()  # rich prints our own progress and summary
 
 
 def _decode_all(table, image_size: int, policy: str, copies: int, seed: int, max_pixels: int, console):

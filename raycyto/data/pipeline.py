@@ -118,6 +118,17 @@ def image_dataset(table: SourceTable, image_size: int, policy: str = "none", cop
                           concurrency=concurrency)
 
 
+def quiet_ray_data() -> None:
+    """Turn off Ray Data's progress bars and per-dataset INFO lines (for rich CLIs, benchmarks)."""
+    import ray.data
+
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def report_bad_files(bad: pd.DataFrame, first: int = 5) -> None:
     """Log a warning with the number of bad files and the first few (path: reason)."""
     if len(bad):
