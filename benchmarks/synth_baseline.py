@@ -98,8 +98,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    console = Console()
-    table = Table(min_width=100, title=f"balanced accuracy, grouped stratified {args.folds}-fold CV "
+    console = Console(width=130)
+    table = Table(title=f"balanced accuracy, grouped stratified {args.folds}-fold CV "
                         "(mean ± std over folds)")
     for col in ("task", "images / patients", "chance", "colour histogram 8x8x8",
                 "EfficientNet-Lite0 frozen", "CNN − histogram"):

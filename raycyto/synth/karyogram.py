@@ -272,7 +272,7 @@ def render(patient: dict[str, Any], rng: np.random.Generator, side: int) -> np.n
             cy = cy_row + rng.normal(0, 0.006 * r)
             chroms = list(patient["slots"][ctype])
             order = rng.permutation(len(chroms))
-            spacing = 1.5 * width
+            spacing = 1.8 * width  # homologues side by side with a small gap
             for k_, idx in enumerate(order):
                 offset = (k_ - (len(chroms) - 1) / 2) * spacing + rng.normal(0, 0.08 * width)
                 _draw_chromosome(canvas, chroms[idx], cx + offset, cy, mb_px,
