@@ -97,3 +97,14 @@ def test_invalid_sources_raise_data_error_naming_the_source(tmp_path):
     (tmp_path / "d.csv").write_text("path,label\na.png,x\na.png,y\n")
     with pytest.raises(DataError, match="more than once"):
         read_source(tmp_path / "d.csv")
+
+
+def test_files_next_to_a_manifest_but_not_in_it_are_reported_as_unlisted(tmp_path):
+    from raycyto.data.sources import unlisted_files
+
+    write_image_folder(tmp_path, classes=("x",), groups_per_class=2, per_group=1, size=8)
+    (tmp_path / "x" / "stray.png").write_bytes(b"junk")
+    t = read_source(tmp_path)
+    assert len(t.df) == 2
+    assert unlisted_files(tmp_path, t) == [str((tmp_path / "x" / "stray.png").resolve())]
+    assert unlisted_files(tmp_path / "manifest.csv", t) == []

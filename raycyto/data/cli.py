@@ -85,7 +85,7 @@ def inspect(
 
     from raycyto.data.augment import get_policy
     from raycyto.data.decode import MAX_PIXELS
-    from raycyto.data.sources import read_source
+    from raycyto.data.sources import read_source, unlisted_files
     from raycyto.data.splits import kfold_splits
     from raycyto.data.summary import class_table, fold_table, without_paths
     from raycyto.errors import RaycytoError
@@ -100,6 +100,10 @@ def inspect(
     console.print(f"source [bold]{source}[/bold]: {len(table.df)} images, "
                   f"{table.df['group'].nunique()} groups, classes {table.class_names}")
     console.print(_table("classes (all listed files)", class_table(table)))
+    unlisted = unlisted_files(source, table)
+    if unlisted:
+        console.print(f"[yellow]note:[/yellow] {len(unlisted)} file(s) under {source} are not in "
+                      f"manifest.csv and are not read, e.g. {unlisted[:3]}")
 
     _ensure_ray()
     rows, bad = _decode_all(table, image_size, policy, copies, seed, max_pixels or MAX_PIXELS, console)

@@ -102,6 +102,19 @@ def _from_folder(root: Path) -> pd.DataFrame:
     return df
 
 
+def unlisted_files(source: str | Path, table: SourceTable) -> list[str]:
+    """Files under a manifest folder's ``<label>/`` sub-folders that the manifest does not list.
+
+    They are not read (the manifest is the source of truth); callers report them so a file
+    dropped next to a manifest does not go unnoticed. Empty for other kinds of source.
+    """
+    p = Path(str(source))
+    if is_uri(str(source)) or not (p.is_dir() and (p / MANIFEST_NAME).is_file()):
+        return []
+    listed = set(table.df["path"])
+    return [f for f in _from_folder(p)["path"] if f not in listed]
+
+
 def read_source(source: str | Path, classes: Sequence[str] | None = None) -> SourceTable:
     """Read an image folder, a folder with manifest.csv, or a CSV manifest.
 
