@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -17,10 +19,15 @@ def _inspect(*args: str):
 
 @pytest.fixture()
 def planted(tmp_path):
+    """A manifest folder whose manifest also lists planted bad files and a missing one."""
     root = tmp_path / "d"
-    write_image_folder(root, classes=("normal", "abnormal"), groups_per_class=3, per_group=2, size=16)
-    (root / "manifest.csv").unlink()  # folder source: the planted files are picked up by listing
+    manifest = write_image_folder(root, classes=("normal", "abnormal"), groups_per_class=3, per_group=2, size=16)
     bad, good = plant_bad_files(root / "normal", size=16)
+    rows = [f"{Path(p).relative_to(root)},normal,{Path(p).stem}" for p in [*bad, *good]]
+    rows.append("abnormal/lost.png,abnormal,lost")
+    with manifest.open("a") as f:
+        f.write("\n".join(rows) + "\n")
+    bad[str(root / "abnormal" / "lost.png")] = "missing"
     return root, bad, good
 
 
