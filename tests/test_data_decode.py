@@ -88,3 +88,19 @@ def test_load_image_resizes_to_a_square_and_keeps_size_when_none(tmp_path):
     assert load_image(str(p), size=16).shape == (16, 16, 3)
     assert load_image(str(p), size=64).shape == (64, 64, 3)
     assert load_image(str(p)).shape == (24, 40, 3)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".tif", ".bmp"])
+def test_mangled_files_only_ever_raise_decode_error(ext):
+    """Fuzz: flipped bytes and cut files decode or raise DecodeError, never anything else."""
+    data = _encode(ext, RGB)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        buf = bytearray(data[: int(rng.integers(1, len(data) + 1))])
+        for pos in rng.integers(0, len(buf), int(rng.integers(1, 8))):
+            buf[pos] = int(rng.integers(0, 256))
+        try:
+            out = decode_image(bytes(buf))
+            assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8
+        except DecodeError as e:
+            assert e.reason

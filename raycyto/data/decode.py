@@ -198,7 +198,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     check = _FORMATS[fmt][2]
     if check is not None and not check(data):
         raise DecodeError(f"truncated ({fmt} ends early)")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise DecodeError(f"corrupt ({fmt} decoder: {str(e).strip().splitlines()[-1][:120]})") from None
     if img is None or img.size == 0:
         raise DecodeError(f"truncated or corrupt ({fmt} could not be decoded)")
     if img.shape[0] < h or img.shape[1] < w:

@@ -49,6 +49,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int)
         except DecodeError as e:
             images.append(np.zeros(EMPTY_IMAGE_SHAPE, np.uint8))
             errors.append(e.reason)
+        except Exception as e:  # noqa: BLE001 - one odd file must not fail the whole dataset
+            images.append(np.zeros(EMPTY_IMAGE_SHAPE, np.uint8))
+            errors.append(f"unreadable ({type(e).__name__}: {e})")
     out = dict(batch)
     out["image"] = images
     out["error"] = np.array(errors, dtype=object)
