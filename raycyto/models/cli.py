@@ -7,6 +7,11 @@ import typer
 app = typer.Typer(no_args_is_help=True, help="Backbones, weights and heads.")
 
 
+@app.callback()
+def models() -> None:
+    """Backbones, weights and heads. Example: raycyto models list"""
+
+
 def backbone_rows() -> list[dict]:
     """One dict per registered backbone: name, params, feature_dim, input_size, groups, offline.
 

@@ -84,6 +84,7 @@ class BackboneSpec:
     block_groups: tuple[str, ...]
     weights: WeightsSource
     builder: Callable[..., nn.Module] = field(repr=False, compare=False)
+    min_input_size: int = 32  # smallest side the architecture accepts (tests build at this)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -192,7 +193,7 @@ def _specs() -> dict[str, BackboneSpec]:
         "inception_v3", 2048, 299, HALF, HALF, "bilinear",
         ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"),
-        inc, partial(_inception_v3, inc)))
+        inc, partial(_inception_v3, inc), min_input_size=75))
     se = WeightsSource("senet154-c7b49a05.pth", "c7b49a05",
                        url="http://data.lip6.fr/cadene/pretrainedmodels/senet154-c7b49a05.pth")
     specs.append(BackboneSpec("senet154", 2048, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
