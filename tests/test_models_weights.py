@@ -97,3 +97,31 @@ def test_in_order_mapping_refuses_shape_mismatch():
 
     with pytest.raises(WeightsError, match="shape mismatch"):
         map_in_order({"a": torch.zeros(2)}, {"b": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("name,enum", [
+    ("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
+    ("resnet50", "ResNet50_Weights.IMAGENET1K_V1"),
+    ("resnext101_32x8d", "ResNeXt101_32X8D_Weights.IMAGENET1K_V1"),
+    ("vgg16", "VGG16_Weights.IMAGENET1K_V1"),
+    ("inception_v3", "Inception_V3_Weights.IMAGENET1K_V1"),
+])
+def test_hub_sources_are_torchvisions_own_weights(name, enum):
+    from torchvision.models import get_weight
+
+    src = get_spec(name).weights
+    assert src.url == get_weight(enum).url
+    assert src.filename.rsplit("-", 1)[1].startswith(src.sha256[:8])  # torch.hub hash prefix
+
+
+def test_senet154_source_is_pretrainedmodels_url():
+    from pretrainedmodels.models.senet import pretrained_settings
+
+    assert get_spec("senet154").weights.url == pretrained_settings["senet154"]["imagenet"]["url"]
+
+
+def test_pretrained_must_be_an_explicit_bool():
+    from raycyto.errors import RaycytoError
+
+    with pytest.raises(RaycytoError, match="pretrained"):
+        build_backbone("efficientnet_lite0", pretrained=None)
