@@ -80,7 +80,7 @@ def endpoint(ray_local, model_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(model_dir=str(model_dir), auth_token_file=str(token_file), max_body_bytes=MAX_BODY,
                    backbone_num_cpus=0.5, mc_replicas=2, mc_num_cpus=0.25, ingress_num_cpus=0.1,
-                   max_queued_requests=500)
+                   max_ongoing_requests=4, max_queued_requests=4)  # small, so overload is testable
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     rng = np.random.default_rng(0)
     image = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
@@ -257,7 +257,10 @@ def test_declared_oversize_body_gets_413_without_sending_it(endpoint):
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
                    f"Content-Type: image/png\r\nContent-Length: {10**12}\r\n\r\n").encode())
-        reply = s.recv(65536).decode(errors="replace")  # answered although no body byte was sent
+        reply = b""
+        while chunk := s.recv(65536):  # answered (and closed) although no body byte was sent
+            reply += chunk
+        reply = reply.decode(errors="replace")
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
     assert "payload_too_large" in reply
 
@@ -325,6 +328,27 @@ def test_openapi_and_docs_are_served(endpoint):
 
 
 # ------------------------------------------------------------------------ resilience (last)
+
+
+def test_overload_gets_quick_503_instead_of_hanging(endpoint):
+    import asyncio
+
+    async def burst() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=60,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            async def one() -> tuple[int, float]:
+                t0 = time.perf_counter()
+                r = await c.post("/predict", params={"passes": 100}, content=endpoint.images["png"],
+                                 headers={"content-type": "image/png"})
+                return r.status_code, time.perf_counter() - t0
+
+            return await asyncio.gather(*[one() for _ in range(40)])
+
+    results = asyncio.run(burst())
+    codes = [code for code, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 4 and codes.count(503) >= 1, codes
+    shed = sorted(t for code, t in results if code == 503)
+    assert shed[len(shed) // 2] < 2.0  # refused at once, not after queueing
 
 
 def _mc_replica_actors() -> list[dict]:
