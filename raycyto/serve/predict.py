@@ -136,7 +136,7 @@ class LoadedModel:
 
         spec = self.model.spec
         size = int(self.meta.get("input_size") or spec.input_size)
-        x = torch.cat([preprocess(np.ascontiguousarray(im)[None], spec, size) for im in images])  # [N,3,S,S]
+        x = torch.cat([preprocess(np.array(im)[None], spec, size) for im in images])  # [N,3,S,S]; copies: Ray arrays are read-only
         with torch.no_grad():
             out = self.ops.embed(self.model, x.to(self.device))
         return [np.ascontiguousarray(o, dtype=np.float32) for o in out.detach().cpu().numpy()]
@@ -145,7 +145,7 @@ class LoadedModel:
         """Run ``n`` seeded stochastic passes on one embedded image; returns probs ``[n, C]``."""
         import torch
 
-        xt = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(self.device)  # [1, ...]
+        xt = torch.from_numpy(np.array(x, dtype=np.float32))[None].to(self.device)  # [1, ...]; writable copy
         with torch.no_grad():
             probs = self.ops.passes(self.model, xt, int(n), int(seed))  # [1, n, C]
         return np.asarray(probs, dtype=np.float64)[0]
