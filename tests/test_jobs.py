@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,29 +25,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_head(temp_dir: str) -> None:
-    """Kill only the processes of the head we started (their command lines name our temp dir);
-    ``ray stop`` would also stop every other Ray on this machine."""
-    import psutil
+def _pids_naming(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except psutil.Error:
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop only the processes of the head we started (their command lines name our temp dir);
+    ``ray stop`` would also stop every other Ray on this machine."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_naming(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + 15
+        while _pids_naming(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -64,15 +67,24 @@ def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_
     out = tmp_path / "exp"
     temp_dir = tempfile.mkdtemp(prefix="rcj", dir="/tmp")  # short: Ray's socket paths are length-limited
     gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # every fixed default port gets a free one: other Rays on this machine hold the defaults
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # an activated venv
     env.pop("RAY_ADDRESS", None)
     try:
         subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={gcs}", "--include-dashboard=true",
                         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
-        job = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                              "--", "python", "jobs/sweep.py", "--config", str(config), "--out", str(out),
-                              "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+                        "--disable-usage-stats", *ports], env=env, check=True, capture_output=True, timeout=120)
+        submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                  "--", "python", "jobs/sweep.py", "--config", str(config), "--out", str(out), "--quiet"]
+        for _ in range(30):  # the head's job agent may need a few seconds after `ray start`
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(3)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
     finally:
