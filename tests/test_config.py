@@ -97,3 +97,14 @@ def test_cluster_yaml_validates_against_the_ray_launcher_schema():
     raw["not_a_launcher_key"] = 1
     with pytest.raises(Exception, match="not_a_launcher_key"):
         validate_config(prepare_config(raw))
+
+
+def test_sweep_cli_names_the_bad_field_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from raycyto.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {heads: [a]}\ntrain: {epochz: 3}\n")
+    result = CliRunner().invoke(app, ["sweep", "--config", str(bad)])
+    assert result.exit_code == 2 and "train.epochz" in result.output
