@@ -36,11 +36,23 @@ def _plain_loop(table, size: int, policy: str, copies: int, seed: int) -> int:
     return rows
 
 
-def _ray_pipeline(table, size: int, policy: str, copies: int, seed: int, batch_size: int) -> int:
+def _count(batch: dict) -> dict:
+    return {"n": [len(batch["copy"])]}
+
+
+def _ray_pipeline(table, size: int, policy: str, copies: int, seed: int, batch_size: int,
+                  deliver: bool = True) -> int:
+    """deliver=True streams every image to the driver (what a local consumer gets);
+    deliver=False consumes them inside the workers, like the plain loop discards them
+    (what a downstream map_batches stage, e.g. feature extraction, sees)."""
     from raycyto.data.pipeline import image_dataset
 
     ds = image_dataset(table, size, policy=policy, copies=copies, seed=seed, batch_size=batch_size)
-    return sum(len(b["copy"]) for b in ds.iter_batches(batch_format="numpy", batch_size=256))
+    if not deliver:
+        ds = ds.map_batches(_count, batch_format="numpy", batch_size=None)
+        return int(sum(b["n"].sum() for b in ds.iter_batches(batch_format="numpy", batch_size=None)))
+    # consume blocks as produced (batch_size=None): no re-batching copies on the driver
+    return sum(len(b["copy"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
 
 
 def main() -> None:
@@ -51,7 +63,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224, help="resize target")
     ap.add_argument("--policy", default="leukemia")
     ap.add_argument("--copies", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -83,23 +95,32 @@ def main() -> None:
 
         cv2.setNumThreads(1)  # a true single-core baseline (Ray tasks run cv2 single-threaded too)
         timings = {}
-        for name, run in (("plain", _plain_loop), ("ray", _ray_pipeline)):
-            kwargs = {"batch_size": args.batch_size} if name == "ray" else {}
+        runs = {
+            "plain": lambda: _plain_loop(table, args.image_size, args.policy, args.copies, args.seed),
+            "ray": lambda: _ray_pipeline(table, args.image_size, args.policy, args.copies, args.seed,
+                                         args.batch_size, deliver=True),
+            "ray_in_workers": lambda: _ray_pipeline(table, args.image_size, args.policy, args.copies,
+                                                    args.seed, args.batch_size, deliver=False),
+        }
+        for name, run in runs.items():
             for attempt in ("cold", "warm"):  # cold includes Ray worker start-up and imports
                 t0 = time.perf_counter()
-                rows = run(table, args.image_size, args.policy, args.copies, args.seed, **kwargs)
+                rows = run()
                 timings[name, attempt] = (rows, time.perf_counter() - t0)
         ray.shutdown()
 
-    (plain_rows, plain_s), (ray_rows, ray_s) = timings["plain", "warm"], timings["ray", "warm"]
+    rows = {r for r, _ in timings.values()}
+    assert len(rows) == 1, timings  # every variant produced the same number of images
+    n_out = rows.pop()
+    rate = {k: n_out / t for (k, attempt), (_, t) in timings.items() if attempt == "warm"}
+    print(f"plain loop (1 process): {n_out} images in {n_out / rate['plain']:.2f}s = {rate['plain']:.1f} images/s")
     cold_s = timings["ray", "cold"][1]
-    assert plain_rows == ray_rows, (plain_rows, ray_rows)
-    plain_rate, ray_rate = plain_rows / plain_s, ray_rows / ray_s
-    ratio = ray_rate / plain_rate
-    print(f"plain loop (1 process): {plain_rows} images in {plain_s:.2f}s = {plain_rate:.1f} images/s")
-    print(f"Ray Data ({cpus} CPUs):  {ray_rows} images in {ray_s:.2f}s = {ray_rate:.1f} images/s "
-          f"(first pass incl. worker start-up: {cold_s:.2f}s = {ray_rows / cold_s:.1f} images/s)")
-    print(f"ratio Ray/plain = {ratio:.2f}x; per core = {ratio / cpus:.2f} (1.0 = perfect scaling)")
+    print(f"Ray Data, images to driver ({cpus} CPUs): {rate['ray']:.1f} images/s "
+          f"(first pass incl. worker start-up: {n_out / cold_s:.1f} images/s)")
+    print(f"Ray Data, consumed in workers ({cpus} CPUs): {rate['ray_in_workers']:.1f} images/s")
+    for key, what in (("ray", "images to driver"), ("ray_in_workers", "consumed in workers")):
+        ratio = rate[key] / rate["plain"]
+        print(f"ratio Ray/plain ({what}) = {ratio:.2f}x; per core = {ratio / cpus:.2f} (1.0 = perfect scaling)")
     print(f"machine: {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}")
 
 

@@ -83,7 +83,7 @@ def expand_batch(batch: dict[str, np.ndarray], policy: str, copies: int, seed: i
 
 
 def image_dataset(table: SourceTable, image_size: int, policy: str = "none", copies: int = 1,
-                  seed: int = 0, max_pixels: int = MAX_PIXELS, batch_size: int = 16,
+                  seed: int = 0, max_pixels: int = MAX_PIXELS, batch_size: int = 32,
                   num_blocks: int | None = None, concurrency: int | None = None) -> "ray.data.Dataset":
     """A lazy Ray Dataset of decoded, resized and augmented images.
 
@@ -116,7 +116,8 @@ def image_dataset(table: SourceTable, image_size: int, policy: str = "none", cop
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels},
                         concurrency=concurrency)
-    return ds.map_batches(expand_batch, batch_format="numpy", batch_size=batch_size,
+    # bound the rows one expand call emits (batch x copies) so blocks stay small with copies=33
+    return ds.map_batches(expand_batch, batch_format="numpy", batch_size=max(1, batch_size // copies),
                           fn_kwargs={"policy": policy, "copies": copies, "seed": seed},
                           concurrency=concurrency)
 
