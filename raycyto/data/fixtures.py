@@ -34,6 +34,22 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def bad_file_bytes(rng: np.random.Generator, size: int = 32) -> dict[str, tuple[bytes, str]]:
+    """One file of every bad kind: {file name: (bytes, expected reason prefix)}."""
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noise: JPEG stays large
+    png, jpg = _encode(".png", rgb), _encode(".jpg", rgb)
+    gif = b"GIF89a" + struct.pack("<HH", size, size) + b"\x00" * 32
+    return {
+        "bad_empty.png": (b"", "empty file"),
+        "bad_truncated.png": (png[: len(png) // 2], "truncated"),
+        "bad_truncated.jpg": (jpg[: len(jpg) // 2], "truncated"),
+        "bad_random.png": (rng.integers(0, 256, 2048, dtype=np.uint8).tobytes(), "not an image"),
+        "bad_text.png": (b"this is a text file, not a picture\n", "not an image"),
+        "bad_animation.gif": (gif, "unsupported format"),
+        "bad_bomb.png": (bomb_png(), "too many pixels"),
+    }
+
+
 def plant_bad_files(folder: Path, size: int = 32, seed: int = 0) -> tuple[dict[str, str], list[str]]:
     """Write bad files (and two unusual good ones) into ``folder``.
 
@@ -45,20 +61,8 @@ def plant_bad_files(folder: Path, size: int = 32, seed: int = 0) -> tuple[dict[s
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noise: JPEG stays large
-    png, jpg = _encode(".png", rgb), _encode(".jpg", rgb)
-    gif = b"GIF89a" + struct.pack("<HH", size, size) + b"\x00" * 32
-    bad_bytes = {
-        "bad_empty.png": (b"", "empty file"),
-        "bad_truncated.png": (png[: len(png) // 2], "truncated"),
-        "bad_truncated.jpg": (jpg[: len(jpg) // 2], "truncated"),
-        "bad_random.png": (rng.integers(0, 256, 2048, dtype=np.uint8).tobytes(), "not an image"),
-        "bad_text.png": (b"this is a text file, not a picture\n", "not an image"),
-        "bad_animation.gif": (gif, "unsupported format"),
-        "bad_bomb.png": (bomb_png(), "too many pixels"),
-    }
     bad = {}
-    for name, (data, reason) in bad_bytes.items():
+    for name, (data, reason) in bad_file_bytes(rng, size).items():
         (folder / name).write_bytes(data)
         bad[str((folder / name).resolve())] = reason
     good_bytes = {
@@ -72,6 +76,43 @@ def plant_bad_files(folder: Path, size: int = 32, seed: int = 0) -> tuple[dict[s
         (folder / name).write_bytes(data)
         good.append(str((folder / name).resolve()))
     return bad, good
+
+
+def planted_stream(root: Path, n: int, corrupt_fraction: float = 0.01, size: int = 32, seed: int = 0,
+                   classes: tuple[str, ...] = ("normal", "abnormal")) -> tuple[Path, dict[str, str]]:
+    """A manifest of ``n`` images of which ``round(n * corrupt_fraction)`` are bad.
+
+    Bad entries cycle through every kind of :func:`bad_file_bytes` plus a listed file that
+    does not exist; good ones are random PNG/JPEG/TIFF/BMP images.
+
+    Returns:
+        (manifest path, {absolute bad path: expected reason prefix}).
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    kinds = list(bad_file_bytes(rng, size).items()) + [("bad_missing.png", (None, "missing"))]
+    bad_at = set(rng.choice(n, size=int(round(n * corrupt_fraction)), replace=False).tolist())
+    formats = (".png", ".jpg", ".tif", ".bmp")
+    rows, planted = [], {}
+    for label in classes:
+        (root / label).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label = classes[i % len(classes)]
+        if i in bad_at:
+            name, (data, reason) = kinds[len(planted) % len(kinds)]
+            path = root / label / f"{i:05d}_{name}"
+            if data is not None:
+                path.write_bytes(data)
+            planted[str(path.resolve())] = reason
+        else:
+            ext = formats[i % len(formats)]
+            path = root / label / f"{i:05d}{ext}"
+            path.write_bytes(_encode(ext, rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+        rows.append({"path": str(path.relative_to(root)), "label": label, "group": f"g{i // 2:05d}"})
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest, planted
 
 
 def write_image_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), groups_per_class: int = 4,

@@ -1,0 +1,27 @@
+"""Reliability: a stream with corrupt files of every kind loses nothing and reports exactly them.
+
+The 10,000-image version is benchmarks/corrupt_stream.py; this is its CI-sized twin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def test_mixed_stream_reports_exactly_the_planted_bad_files_and_processes_the_rest(ray_local, tmp_path):
+    from raycyto.data.fixtures import planted_stream
+    from raycyto.data.pipeline import image_dataset, split_errors
+    from raycyto.data.sources import read_source
+
+    n = 400
+    manifest, planted = planted_stream(tmp_path, n, corrupt_fraction=0.04, size=24, seed=3)
+    kinds = {Path(p).name.split("_", 1)[1] for p in planted}  # "00012_bad_truncated.jpg" -> kind
+    assert len(kinds) == 8, f"every bad kind (7 byte kinds + missing) must be planted, got {kinds}"
+    ok, bad = split_errors(image_dataset(read_source(manifest), image_size=24, policy="karyogram",
+                                         copies=2, seed=0))
+    assert set(bad["path"]) == set(planted)
+    for path, reason in zip(bad["path"], bad["reason"]):
+        assert reason.startswith(planted[path]), (path, reason, planted[path])
+    good_rows = ok.to_pandas()
+    assert len(good_rows) == 2 * (n - len(planted))
+    assert not set(good_rows["path"]) & set(planted)
