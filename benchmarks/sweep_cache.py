@@ -7,7 +7,7 @@ runs the backbone over each fold's images inside every trial, as a sweep without
 would. Prints the wall-clock ratio and Tune's utilisation:
 sum of trial times / (Tune wall-clock x concurrent slots).
 
-    python benchmarks/sweep_cache.py [--patients 24] [--backbone efficientnet_lite0] [--cpus 2]
+    python benchmarks/sweep_cache.py [--patients 40] [--backbone efficientnet_lite2] [--cpus 2]
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def _run(cfg, out: Path, cache: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=24)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--size", type=int, default=224, help="decode size")
-    parser.add_argument("--input-size", type=int, default=224, help="backbone input size")
+    parser.add_argument("--patients", type=int, default=40)
+    parser.add_argument("--backbone", default="efficientnet_lite2")
+    parser.add_argument("--size", type=int, default=260, help="decode size")
+    parser.add_argument("--input-size", type=int, default=260, help="backbone input size (lite2 native)")
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs = concurrent trial slots")
