@@ -79,3 +79,10 @@ def test_load_arrays_warns_and_leaves_out_error_rows(ray_local, dirty, caplog):
         arrays = load_arrays(image_dataset(table, 8))
     assert set(arrays["path"]) == good
     assert f"{len(bad)} bad file(s)" in caplog.text
+
+
+def test_split_errors_on_a_clean_source_gives_an_empty_report_with_its_columns(ray_local, tmp_path):
+    write_image_folder(tmp_path, classes=("x", "y"), groups_per_class=2, per_group=1, size=12)
+    ok, bad = split_errors(image_dataset(read_source(tmp_path), 8))
+    assert list(bad.columns) == ["path", "reason"] and bad.empty
+    assert ok.count() == 4

@@ -152,7 +152,8 @@ def split_errors(ds: "ray.data.Dataset") -> tuple["ray.data.Dataset", pd.DataFra
 
     ds = ds.materialize()
     bad_ds = ds.filter(expr=col("error") != "").select_columns(["path", "error"])
-    bad = bad_ds.to_pandas().rename(columns={"error": "reason"})
+    # an empty filter result has no columns at all: reindex so the report always has both
+    bad = bad_ds.to_pandas().rename(columns={"error": "reason"}).reindex(columns=["path", "reason"])
     bad = bad.astype({"path": str, "reason": str}).sort_values("path").reset_index(drop=True)
     report_bad_files(bad)
     ok = ds.filter(expr=col("error") == "")
