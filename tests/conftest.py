@@ -12,6 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """2 shared cores: one intra-op torch thread in the test process avoids oversubscription
+    stalls (Ray workers and Serve replicas set their own)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with the modest resources of this machine (2 CPUs)."""

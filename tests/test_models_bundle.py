@@ -11,15 +11,6 @@ from raycyto.errors import WeightsError
 from raycyto.models import build_classifier, load_bundle, save_bundle
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("pretrained,finetune,saved", [
     (False, "frozen", True),   # random weights cannot be rebuilt -> saved
     (True, "frozen", False),   # registry weights referenced, not copied

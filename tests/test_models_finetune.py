@@ -10,15 +10,6 @@ import torch
 from raycyto.models import BACKBONES, build_classifier
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _group_prefixes(group: str) -> list[str]:
     out = []
     for ref in group.split("+"):

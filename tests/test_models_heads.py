@@ -11,15 +11,6 @@ from raycyto.models import HEADS, build_head
 from raycyto.models.mc import MCDropout
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", list(HEADS))
 def test_every_head_maps_features_to_logits(name):
     head = build_head(name, 32, 5).eval()

@@ -10,15 +10,6 @@ from raycyto.models import build_classifier, mc_head_predict, mc_predict, summar
 from raycyto.models.mc import MCDropout, mc_mode
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _bn_state(model):
     return {k: v.clone() for k, v in model.state_dict().items()
             if "running_" in k or "num_batches_tracked" in k}

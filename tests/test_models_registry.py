@@ -11,15 +11,6 @@ from raycyto.models import BACKBONES, build_backbone, get_spec, preprocess
 from raycyto.models.finetune import resolve_group
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_every_backbone_gives_pooled_features_without_nans(name):
     spec = get_spec(name)

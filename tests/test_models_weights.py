@@ -13,14 +13,6 @@ from raycyto.models import build_backbone, get_spec, preprocess
 from raycyto.models.weights import load_into, load_state_dict, locate, resolve
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ImageNet indices of buildings for scikit-learn's china.jpg (a Chinese palace/temple):
 # bell cote, boathouse, castle, church, dome, monastery, palace, stupa
 BUILDINGS = {442, 449, 483, 497, 538, 663, 698, 832}
