@@ -158,6 +158,10 @@ def referral_plot(curve: pd.DataFrame, threshold: float, at_threshold: dict[str,
                label=f"threshold {threshold:g}: {1 - x:.0%} referred")
     for key in ("accuracy_kept", "recall_kept"):
         ax.plot([x], [at_threshold[key]], "o", color="red", ms=5)
+    if curve["kept_share"].nunique() <= 1:  # every pass agreed on every case: nothing to trade off
+        ax.text(0.5, 0.5, "all MC passes agree on every case (confidence 1):\n"
+                "this configuration has no dropout, so nothing is referred",
+                transform=ax.transAxes, ha="center", va="center", fontsize=8, color="dimgrey")
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("share of cases kept (not referred)")
     ax.set_ylabel("score on kept cases")
