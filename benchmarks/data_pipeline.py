@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _plain_loop(table, size: int, policy: str, copies: int, seed: int) -> int:
-    from raycyto.data.augment import augment
+    from raycyto.data.augment import augment, image_key
     from raycyto.data.decode import DecodeError, load_image
 
     rows = 0
@@ -31,7 +31,7 @@ def _plain_loop(table, size: int, policy: str, copies: int, seed: int) -> int:
             rows += 1
             continue
         for c in range(copies):
-            augment(img, policy, seed, path, c)
+            augment(img, policy, seed, image_key(img), c)
             rows += 1
     return rows
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raycyto.data.augment import augment
+from raycyto.data.augment import augment, image_key
 from raycyto.data.decode import load_image
 from raycyto.data.fixtures import plant_bad_files, write_image_folder
 from raycyto.data.pipeline import image_dataset, load_arrays, split_errors
@@ -56,7 +56,8 @@ def test_augmented_bytes_do_not_depend_on_batch_size_blocks_or_workers(ray_local
     # and equal to a plain in-process loop over the same functions
     i = 5
     path, copy = runs[0]["path"][i], int(runs[0]["copy"][i])
-    expected = augment(load_image(path, 16), "leukemia", 5, path, copy)
+    image = load_image(path, 16)
+    expected = augment(image, "leukemia", 5, image_key(image), copy)
     np.testing.assert_array_equal(runs[0]["image"][i], expected)
 
 
@@ -86,3 +87,15 @@ def test_split_errors_on_a_clean_source_gives_an_empty_report_with_its_columns(r
     ok, bad = split_errors(image_dataset(read_source(tmp_path), 8))
     assert list(bad.columns) == ["path", "reason"] and bad.empty
     assert ok.count() == 4
+
+
+def test_augmented_copies_depend_on_image_content_not_on_where_the_dataset_lies(ray_local, tmp_path):
+    """The same dataset in two folders gives the same copies (results must not depend on location)."""
+    import shutil
+
+    write_image_folder(tmp_path / "here", classes=("x", "y"), groups_per_class=2, per_group=1, size=16)
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+    here, there = (load_arrays(image_dataset(read_source(tmp_path / d), 16, policy="leukemia", copies=3, seed=1))
+                   for d in ("here", "there"))
+    np.testing.assert_array_equal(here["image"], there["image"])
+    assert not np.array_equal(here["image"][here["copy"] == 1], here["image"][here["copy"] == 0])

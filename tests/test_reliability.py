@@ -27,25 +27,33 @@ def test_mixed_stream_reports_exactly_the_planted_bad_files_and_processes_the_re
     assert not set(good_rows["path"]) & set(planted)
 
 
-def _keyed_predictions(exp_dir: Path):
-    """predictions.parquet with trial ids (random per run) replaced by the trial's (lr, batch size)."""
+def _keyed_predictions(exp_dir: Path, data_dir: Path):
+    """predictions.parquet keyed by what is stable across runs: trial ids (random per run)
+    become the trial's (lr, batch size) and image paths become relative to the data folder."""
     import pandas as pd
 
     results = pd.read_csv(exp_dir / "results.csv")[["trial_id", "lr", "batch_size"]]
     preds = pd.read_parquet(exp_dir / "predictions.parquet").merge(results, on="trial_id")
+    preds["path"] = [str(Path(p).relative_to(data_dir.resolve())) for p in preds["path"]]
     keys = ["backbone", "finetune", "head", "lr", "batch_size", "fold", "split", "path"]
     return preds.drop(columns="trial_id").sort_values(keys).reset_index(drop=True)
 
 
-def test_same_config_and_seed_give_identical_predictions_even_across_a_retried_trial(
-        ray_local, tiny_experiment, tmp_path):
-    """tiny_experiment had one trial fail and resume from its checkpoint; a clean rerun must match."""
+def test_same_config_and_seed_give_identical_predictions_from_a_moved_copy_and_a_retried_trial(
+        ray_local, tiny_experiment, karyo_dir, tmp_path):
+    """tiny_experiment had one trial fail and resume from its checkpoint; a clean rerun on a copy
+    of its data in another folder must give the same numbers (nothing may key on location)."""
+    import shutil
+
     import pandas as pd
 
     from raycyto.config import load_config
     from raycyto.tune.sweep import run_sweep
 
-    again = run_sweep(load_config(tiny_experiment / "config.yaml"), out=tmp_path / "again", progress=False)
-    first, second = _keyed_predictions(tiny_experiment), _keyed_predictions(again)
+    moved = tmp_path / "moved_data"
+    shutil.copytree(karyo_dir, moved)
+    cfg = load_config(tiny_experiment / "config.yaml").replace(**{"data.source": str(moved)})
+    again = run_sweep(cfg, out=tmp_path / "again", progress=False)
+    first, second = _keyed_predictions(tiny_experiment, karyo_dir), _keyed_predictions(again, moved)
     assert len(first) > 0 and len(first) == len(second)
     pd.testing.assert_frame_equal(first, second, check_exact=True)

@@ -39,6 +39,15 @@ def copy_rng(seed: int, key: str, copy: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
+def image_key(image: np.ndarray) -> str:
+    """Stable id of a decoded source image: SHA-256 of its shape and pixels.
+
+    Augmentation is keyed on content, not on the file's path, so the same dataset gives the
+    same augmented copies wherever it lies (another folder, a manifest, an object store).
+    """
+    return hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- karyogram
 BRIGHTNESS = (0.75, 1.25)
 MAX_NOISE_FRACTION = 0.05
@@ -164,7 +173,7 @@ def augment(image: np.ndarray, policy: str, seed: int, key: str, copy: int) -> n
         image: [H, W, 3] uint8 RGB.
         policy: a name in POLICIES.
         seed: run seed.
-        key: stable id of the source image (its path).
+        key: stable id of the source image (the pipeline passes :func:`image_key`).
         copy: copy index; 0 returns ``image`` itself, unchanged.
     Returns:
         [H, W, 3] uint8, identical for the same (policy, seed, key, copy).

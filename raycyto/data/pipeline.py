@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from raycyto.data.augment import augment, get_policy
+from raycyto.data.augment import augment, get_policy, image_key
 from raycyto.data.decode import MAX_PIXELS, DecodeError, load_image
 from raycyto.data.sources import SourceTable
 
@@ -67,11 +67,12 @@ def expand_batch(batch: dict[str, np.ndarray], policy: str, copies: int, seed: i
     cols: dict[str, list] = {c: [] for c in (*ROW_COLUMNS, "image", "error", "copy")}
     for i, path in enumerate(batch["path"]):
         bad = bool(batch["error"][i])
+        key = "" if bad else image_key(batch["image"][i])  # content, not location
         for c in range(1 if bad else copies):
             for name in ROW_COLUMNS:
                 cols[name].append(batch[name][i])
             img = batch["image"][i]
-            cols["image"].append(img if bad else augment(img, policy, seed, str(path), c))
+            cols["image"].append(img if bad else augment(img, policy, seed, key, c))
             cols["error"].append(batch["error"][i])
             cols["copy"].append(c)
     out = {k: np.array(v, dtype=object) for k, v in cols.items() if k not in ("image", "label", "copy")}

@@ -164,14 +164,14 @@ def compute_features_local(table: "SourceTable", backbone: str, data: "DataConfi
     Returns:
         FeatureSet sorted by (path, copy).
     """
-    from raycyto.data.augment import augment
+    from raycyto.data.augment import augment, image_key
     from raycyto.data.decode import load_image
 
     extractor = extractor or FeatureExtractor(backbone, data.input_size, pretrained)
     rows = []  # (path, label, group, copy, image)
     for path, label, group in table.df[["path", "label", "group"]].itertuples(index=False):
         image = load_image(str(path), data.image_size)
-        rows += [(str(path), int(label), str(group), c, augment(image, data.policy, seed, str(path), c))
+        rows += [(str(path), int(label), str(group), c, augment(image, data.policy, seed, image_key(image), c))
                  for c in range(data.copies)]
     rows.sort(key=lambda r: (r[0], r[3]))
     feats = [extractor({"image": [r[4] for r in rows[i:i + batch_size]], "path": None, "label": None,
