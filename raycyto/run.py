@@ -123,7 +123,8 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
     from raycyto.serve.app import AppArgs, build_app
     from raycyto.serve.export import export_model
     from raycyto.synth import generate
-    from raycyto.tune.sweep import ensure_ray, run_sweep
+    from raycyto.data.pipeline import ensure_ray
+    from raycyto.tune.sweep import run_sweep
 
     console = Console()
     out = Path(out).resolve()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import typer
@@ -16,17 +15,6 @@ def _data() -> None:
 
     Example: raycyto data inspect data/leukemia --folds 5
     """
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
-    from raycyto.data.pipeline import quiet_ray_data
-
-    quiet_ray_data()  # rich prints our own progress and summary
 
 
 def _decode_all(table, image_size: int, policy: str, copies: int, seed: int, max_pixels: int, console):
@@ -105,7 +93,9 @@ def inspect(
         console.print(f"[yellow]note:[/yellow] {len(unlisted)} file(s) under {source} are not in "
                       f"manifest.csv and are not read, e.g. {unlisted[:3]}")
 
-    _ensure_ray()
+    from raycyto.data.pipeline import ensure_ray
+
+    ensure_ray()
     rows, bad = _decode_all(table, image_size, policy, copies, seed, max_pixels or MAX_PIXELS, console)
     good = without_paths(table, bad["path"].tolist())
     console.print(f"decoded {len(good.df)}/{len(table.df)} images -> {rows - len(bad)} rows "

@@ -123,6 +123,23 @@ def image_dataset(table: SourceTable, image_size: int, policy: str = "none", cop
                           concurrency=concurrency)
 
 
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local
+    Ray with ``num_cpus`` (default ``RAYCYTO_NUM_CPUS`` or every local core); then quiet Ray
+    Data's own progress output, since raycyto's commands print theirs."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            cpus = num_cpus or int(os.environ.get("RAYCYTO_NUM_CPUS", os.cpu_count() or 1))
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    quiet_ray_data()
+
+
 def quiet_ray_data() -> None:
     """Turn off Ray Data's progress bars and per-dataset INFO lines (for rich CLIs, benchmarks)."""
     import ray.data

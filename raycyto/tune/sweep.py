@@ -27,20 +27,6 @@ FAIL_ONCE_ENV = "RAYCYTO_FAIL_ONCE"   # test hook, see raycyto.tune.trainable
 CELL = ("backbone", "finetune", "head")
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> None:
-    """Connect to ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local
-    Ray with ``num_cpus`` (default ``RAYCYTO_NUM_CPUS`` or every local core)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return
-    cpus = num_cpus or int(os.environ.get("RAYCYTO_NUM_CPUS", os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-
-
 def _is_uri(path: str) -> bool:
     return "://" in path
 
@@ -255,6 +241,8 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         dump_config(cfg, exp_dir / "config.yaml")
+    from raycyto.data.pipeline import ensure_ray
+
     ensure_ray()
     started = time.time()
     ctx, data = build_context(cfg, exp_dir, progress, cache_features=cache_features)
