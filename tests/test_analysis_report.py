@@ -110,3 +110,23 @@ def test_report_loads_every_image_in_headless_chromium(binary_report, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "broken=0" in proc.stdout and shot.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_referral_of_a_dropout_free_best_is_joined_by_the_best_configuration_whose_passes_vary(tmp_path):
+    """A best configuration without dropout has confidence 1 everywhere (a one-point referral
+    curve); the report then also draws the best configuration whose MC passes vary."""
+    from test_analysis_fabricate import rewrite_predictions
+
+    from raycyto.analysis import load_experiment, select_best
+
+    exp_dir = fabricate_experiment(tmp_path / "exp")
+    html = write_report(exp_dir, tmp_path / "varying")
+    assert not (html.parent / "referral_mc.png").exists(), "best already varies: no second curve"
+
+    best = select_best(load_experiment(exp_dir), None)["trial_id"]
+    rewrite_predictions(exp_dir, lambda p: p.assign(
+        mc_confidence=p["mc_confidence"].where(p["trial_id"] != best, 1.0),
+        refer=p["refer"].where(p["trial_id"] != best, False)))
+    html = write_report(exp_dir, tmp_path / "constant")
+    assert (html.parent / "referral_mc.png").is_file()
+    assert "referral_mc.png" in check_report_images(html)

@@ -19,6 +19,36 @@ from raycyto.analysis.uncertainty import (expected_calibration_error, referral_c
                                           reliability_bins, top_label)
 
 
+def _referral_job(exp: Experiment, rows: pd.DataFrame, cfg: str, path: Path,
+                  note: str = "") -> tuple[str, str, Callable[[], Path]]:
+    """Referral curve of one configuration's test predictions, configured threshold marked."""
+    def draw() -> Path:
+        y, mc = rows["label"].to_numpy(), rows["mc_label"].to_numpy()
+        curve = referral_curve(y, mc, rows["mc_confidence"].to_numpy(), exp.num_classes, exp.positive)
+        kept = ~rows["refer"].to_numpy(dtype=bool)
+        at = {"kept_share": float(kept.mean()),
+              "accuracy_kept": float(np.mean(y[kept] == mc[kept])) if kept.any() else np.nan,
+              "recall_kept": recall_of(y[kept], mc[kept], exp.num_classes, exp.positive)}
+        recall_name = f"{exp.class_names[exp.positive]} recall" if exp.positive is not None \
+            else "macro recall"
+        return plots.referral_plot(curve, exp.threshold, at, recall_name,
+                                   f"{cfg}: referral by MC confidence, test", path)
+
+    return path.name, f"referral curve, {cfg}, test (configured threshold marked){note}", draw
+
+
+def _best_with_varying_confidence(exp: Experiment, summary: pd.DataFrame
+                                  ) -> tuple[str, pd.DataFrame] | None:
+    """(config, test rows) of the configuration with the best validation score whose MC
+    confidence varies (heads with dropout); None when every configuration is deterministic."""
+    test = exp.test_predictions
+    for _, row in summary.sort_values("val_score", ascending=False).iterrows():
+        rows = test[test["trial_id"] == row["trial_id"]]
+        if rows["mc_confidence"].nunique() > 1:
+            return row["config"], rows
+    return None
+
+
 def _figure_jobs(exp: Experiment, best: pd.Series, summary: pd.DataFrame, hpo: pd.DataFrame,
                  out: Path) -> list[tuple[str, str, Callable[[], Path]]]:
     """(file name, caption, draw) for every figure; drawing is deferred for the progress bar."""
@@ -56,21 +86,12 @@ def _figure_jobs(exp: Experiment, best: pd.Series, summary: pd.DataFrame, hpo: p
 
         jobs.append(("reliability.png", f"reliability diagram with ECE, {cfg}, test", reliability))
 
-        def referral() -> Path:
-            mc = test["mc_label"].to_numpy()
-            curve = referral_curve(y, mc, test["mc_confidence"].to_numpy(), c, exp.positive)
-            kept = ~test["refer"].to_numpy(dtype=bool)
-            at = {"kept_share": float(kept.mean()),
-                  "accuracy_kept": float(np.mean(y[kept] == mc[kept])) if kept.any() else np.nan,
-                  "recall_kept": recall_of(y[kept], mc[kept], c, exp.positive)}
-            recall_name = f"{names[exp.positive]} recall" if exp.positive is not None \
-                else "macro recall"
-            return plots.referral_plot(curve, exp.threshold, at, recall_name,
-                                       f"{cfg}: referral by MC confidence, test",
-                                       out / "referral.png")
-
-        jobs.append(("referral.png", f"referral curve, {cfg}, test (configured threshold marked)",
-                     referral))
+        jobs.append(_referral_job(exp, test, cfg, out / "referral.png"))
+        if test["mc_confidence"].nunique() <= 1:  # no dropout in the best: show the best one with it
+            alt = _best_with_varying_confidence(exp, summary)
+            if alt is not None:
+                jobs.append(_referral_job(exp, alt[1], alt[0], out / "referral_mc.png",
+                                          " (best configuration whose MC passes vary)"))
     histories = exp.history(best["trial_id"])
     if histories:
         jobs.append(("training_curves.png", f"training curves per epoch, {cfg}",
