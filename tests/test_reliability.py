@@ -57,3 +57,24 @@ def test_same_config_and_seed_give_identical_predictions_from_a_moved_copy_and_a
     first, second = _keyed_predictions(tiny_experiment, karyo_dir), _keyed_predictions(again, moved)
     assert len(first) > 0 and len(first) == len(second)
     pd.testing.assert_frame_equal(first, second, check_exact=True)
+
+
+def test_sweep_data_step_reports_unreadable_images_and_goes_on_without_them(ray_local, karyo_dir, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from raycyto.config import load_config
+    from raycyto.tune.sweep import prepare_data
+
+    data = tmp_path / "data"
+    shutil.copytree(karyo_dir, data)
+    listed = pd.read_csv(data / "manifest.csv")["path"].tolist()
+    (data / listed[0]).write_bytes(b"")                                     # empty
+    (data / listed[1]).write_bytes((data / listed[1]).read_bytes()[:200])   # truncated
+    cfg = load_config({"data": {"source": str(data), "positive_class": "abnormal", "image_size": 32}})
+    table, bad = prepare_data(cfg, tmp_path / "exp", progress=False)
+    expected = {str((data / p).resolve()) for p in listed[:2]}
+    assert set(bad["path"]) == expected
+    assert {r.split(" ")[0] for r in bad["reason"]} == {"empty", "truncated"}
+    assert len(table.df) == len(listed) - 2 and not set(table.df["path"]) & expected

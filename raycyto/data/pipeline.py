@@ -159,6 +159,21 @@ def report_bad_files(bad: pd.DataFrame, first: int = 5) -> None:
         log.warning("%d bad file(s) skipped and reported: %s%s", len(bad), listed, more)
 
 
+def bad_file_report(ds: "ray.data.Dataset") -> pd.DataFrame:
+    """The bad-file report of an :func:`image_dataset`: (path, reason) sorted by path.
+
+    Only the path and error columns reach the driver, never the images. A warning lists the
+    count and the first bad paths.
+    """
+    rows = ds.select_columns(["path", "error"]).to_pandas()
+    bad = rows[rows["error"].astype(str) != ""].rename(columns={"error": "reason"})
+    # an empty result may have no columns at all: reindex so the report always has both
+    bad = bad.reindex(columns=["path", "reason"]).astype({"path": str, "reason": str})
+    bad = bad.sort_values("path").reset_index(drop=True)
+    report_bad_files(bad)
+    return bad
+
+
 def split_errors(ds: "ray.data.Dataset") -> tuple["ray.data.Dataset", pd.DataFrame]:
     """Separate good rows from the bad-file report; the dataset is materialised once.
 
@@ -169,11 +184,7 @@ def split_errors(ds: "ray.data.Dataset") -> tuple["ray.data.Dataset", pd.DataFra
     from ray.data.expressions import col
 
     ds = ds.materialize()
-    bad_ds = ds.filter(expr=col("error") != "").select_columns(["path", "error"])
-    # an empty filter result has no columns at all: reindex so the report always has both
-    bad = bad_ds.to_pandas().rename(columns={"error": "reason"}).reindex(columns=["path", "reason"])
-    bad = bad.astype({"path": str, "reason": str}).sort_values("path").reset_index(drop=True)
-    report_bad_files(bad)
+    bad = bad_file_report(ds)
     ok = ds.filter(expr=col("error") == "")
     # good rows all have [S,S,3] images: stack them so `image` is a fixed-shape tensor column
     return ok.map_batches(_stack_images, batch_format="numpy", batch_size=256), bad

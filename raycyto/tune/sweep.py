@@ -44,7 +44,7 @@ def prepare_data(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tupl
     Returns:
         (SourceTable of readable images, bad-file report DataFrame path, reason).
     """
-    from raycyto.data.pipeline import image_dataset, report_bad_files
+    from raycyto.data.pipeline import bad_file_report, image_dataset
     from raycyto.data.sources import SourceTable, read_source
 
     source = cfg.data.source
@@ -59,11 +59,7 @@ def prepare_data(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tupl
                      size=syn.size, progress=progress, **kw)
         source = str(out)
     table = read_source(source, cfg.data.classes)
-    # one decode pass over the originals: the bad-file report (path, reason)
-    checked = image_dataset(table, cfg.data.image_size).select_columns(["path", "error"]).to_pandas()
-    bad = (checked[checked["error"].astype(str) != ""].rename(columns={"error": "reason"})
-           .astype({"path": str, "reason": str}).sort_values("path").reset_index(drop=True))
-    report_bad_files(bad)
+    bad = bad_file_report(image_dataset(table, cfg.data.image_size))  # one decode pass, originals only
     ok = table.df[~table.df["path"].astype(str).isin(set(bad["path"]))].reset_index(drop=True)
     if ok.empty:
         raise RaycytoError(f"data.source {cfg.data.source!r}: no readable images ({len(bad)} bad files)")
