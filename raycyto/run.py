@@ -12,6 +12,7 @@ of inputs.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def _print_answers(answers: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)  # logs: no 80-column cut
     table = Table(title="answers from POST /predict")
     for col in ("image", "true", "HTTP", "label", "conf.", "refer", "passes", "replicas"):
         table.add_column(col)

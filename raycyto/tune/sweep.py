@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,8 @@ def _tuner(cfg: SweepConfig, ctx: Any, exp_dir: Path, progress: bool, restore: b
     from raycyto.tune.progress import RichProgress
 
     callback = RichProgress(len(cells) * cfg.search.samples * cfg.cv.folds, cfg.search.metric, progress)
+    # RichProgress is the sweep's output; Tune's own banner and TensorBoard hints would repeat it
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tune_path = tune_storage(cfg, exp_dir)
     if restore:
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True), callback
@@ -285,7 +288,7 @@ def print_summary(results: pd.DataFrame, cfg: SweepConfig, top: int = 10) -> Non
     for _, r in best.iterrows():
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in
                         ("trial_id", *CELL, "lr", "batch_size", metric, "test_accuracy", "test_auc", "time_s")])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs: no 80-column cut
 
 
 def sweep_main(config: Optional[Path] = None, data: Optional[str] = None, out: Optional[Path] = None,
