@@ -7,7 +7,6 @@ import json
 import socket
 import struct
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
+
+from raycyto.data.fixtures import bomb_png  # noqa: E402  (after the httpx skip)
 APP_NAME = "raycyto-test"
 TOKEN = "s3cret-token-for-tests"
 MAX_BODY = 2 * 1024 * 1024
@@ -32,17 +33,6 @@ def _encode(image: np.ndarray, ext: str) -> bytes:
     ok, buf = cv2.imencode(ext, image[:, :, ::-1])
     assert ok
     return buf.tobytes()
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny, well-formed PNG whose header claims width x height (10^10 pixels)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
 
 
 @dataclass
@@ -177,7 +167,7 @@ def _malformed_requests(images: dict[str, bytes]) -> list[dict]:
                "video/mp4", "", "image/webp", "multipart/mixed"):  # wrong content types
         reqs.append(raw(images["png"], ct))
     for w, h in ((100_000, 100_000), (65_535, 65_535), (2**31 - 1, 1), (1, 2**31 - 1), (0, 0)):
-        reqs.append(raw(png_bomb(w, h)))  # huge (or zero) declared dimensions
+        reqs.append(raw(bomb_png(w, h)))  # huge (or zero) declared dimensions
     bmp = bytearray(images["bmp"])
     bmp[18:26] = struct.pack("<ii", 90_000, 90_000)
     reqs.append(raw(bytes(bmp), "image/bmp"))
@@ -216,7 +206,7 @@ def _malformed_requests(images: dict[str, bytes]) -> list[dict]:
         json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "WHAT", "data": [good]}]}).encode(),
         json.dumps({"inputs": [{"name": "image", "shape": [20], "datatype": "BYTES", "data": [good] * 20}]}).encode(),
         json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                                "data": [base64.b64encode(png_bomb()).decode()]}]}).encode(),
+                                "data": [base64.b64encode(bomb_png()).decode()]}]}).encode(),
     ]
     for body in bad_infer:
         reqs.append({"path": infer, "content": body, "headers": {"content-type": "application/json"}})
@@ -246,7 +236,7 @@ def test_two_hundred_malformed_requests_get_json_4xx_never_5xx(endpoint):
 def test_decompression_bomb_is_refused_in_under_a_second(endpoint):
     with endpoint.client() as c:
         t0 = time.perf_counter()
-        r = c.post("/predict", files={"file": ("bomb.png", png_bomb(), "image/png")})
+        r = c.post("/predict", files={"file": ("bomb.png", bomb_png(), "image/png")})
         elapsed = time.perf_counter() - t0
     assert r.status_code == 400 and "pixels" in _json_error(r)["message"]
     assert elapsed < 1.0

@@ -13,20 +13,6 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-# Magic numbers of the formats we accept (and of common ones we name when refusing).
-ACCEPTED_FORMATS: dict[str, tuple[bytes, ...]] = {
-    "png": (b"\x89PNG\r\n\x1a\n",),
-    "jpeg": (b"\xff\xd8\xff",),
-    "tiff": (b"II*\x00", b"MM\x00*"),
-    "bmp": (b"BM",),
-}
-KNOWN_UNSUPPORTED: dict[str, tuple[bytes, ...]] = {
-    "gif": (b"GIF87a", b"GIF89a"),
-    "webp": (b"RIFF",),
-    "pdf": (b"%PDF",),
-    "zip": (b"PK\x03\x04",),
-    "gzip": (b"\x1f\x8b",),
-}
 # Content types accepted for a raw-body upload (and as a multipart part's declared type).
 IMAGE_CONTENT_TYPES: dict[str, str] = {
     "image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/pjpeg": "jpeg",
@@ -57,21 +43,6 @@ def error_body(status: int, kind: str, message: str, **extra: Any) -> dict[str, 
     return {"error": kind, "message": message, "status": status, **extra}
 
 
-def sniff_format(data: bytes) -> str | None:
-    """Name of the accepted image format of ``data`` from its magic bytes, or None."""
-    for name, magics in ACCEPTED_FORMATS.items():
-        if any(data.startswith(m) for m in magics):
-            return name
-    return None
-
-
-def _unsupported_name(data: bytes) -> str:
-    for name, magics in KNOWN_UNSUPPORTED.items():
-        if any(data.startswith(m) for m in magics):
-            return name
-    return "unrecognised"
-
-
 def check_content_type(content_type: str | None) -> None:
     """Refuse (415) a raw-body upload whose Content-Type is not an accepted image type."""
     base = (content_type or "").split(";")[0].strip().lower()
@@ -95,23 +66,22 @@ def decode_upload(data: bytes, max_pixels: int | None = None, field: str = "file
         ClientError: 400 for empty, truncated, undecodable or too-large images; 415 for a
             format outside PNG/JPEG/TIFF/BMP.
     """
-    from raycyto.data.decode import MAX_PIXELS, DecodeError, decode_image
+    from raycyto.data.decode import MAX_PIXELS, DecodeError, decode_image, sniff_format
 
     if len(data) == 0:
         raise ClientError(400, "empty_image", f"{field}: the image is empty (0 bytes)")
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise ClientError(
-            415, "unsupported_media_type",
-            f"{field}: {_unsupported_name(data)} data is not an accepted image format; "
-            f"send PNG, JPEG, TIFF or BMP")
+    try:  # the data pipeline's own sniffer: one list of accepted formats for files and uploads
+        fmt = sniff_format(data)
+    except DecodeError as e:  # not PNG/JPEG/TIFF/BMP; the reason names the format when known
+        raise ClientError(415, "unsupported_media_type",
+                          f"{field}: {e.reason}; send PNG, JPEG, TIFF or BMP") from None
     try:
         image = decode_image(data, max_pixels=max_pixels or MAX_PIXELS)
     except DecodeError as e:
         reason = getattr(e, "reason", "") or str(e)
-        raise ClientError(400, "undecodable_image", f"{field}: cannot use this {fmt.upper()} image: {reason}") from None
+        raise ClientError(400, "undecodable_image", f"{field}: cannot use this {fmt} image: {reason}") from None
     except (ValueError, OSError, MemoryError) as e:  # decoder libraries on hostile input
-        raise ClientError(400, "undecodable_image", f"{field}: cannot decode this {fmt.upper()} image: {e}") from None
+        raise ClientError(400, "undecodable_image", f"{field}: cannot decode this {fmt} image: {e}") from None
     return image
 
 
