@@ -23,9 +23,8 @@ from typing import Any
 
 import pandas as pd
 
+from raycyto.config import METRICS, metric_mode
 from raycyto.errors import ConfigError, DataError
-
-METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auc")
 
 
 def metric_column(metric: str) -> tuple[str, bool]:
@@ -33,7 +32,7 @@ def metric_column(metric: str) -> tuple[str, bool]:
     m = metric.removeprefix("val_")
     if m not in METRICS:
         raise ConfigError("--best", f"unknown metric {metric!r}; choose one of {list(METRICS)}")
-    return f"val_{m}", m != "loss"
+    return f"val_{m}", metric_mode(m) == "max"
 
 
 def _best_index(values: pd.Series, higher: bool) -> Any:
