@@ -58,30 +58,17 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, positive: Opti
     Returns:
         {loss, accuracy, precision, recall, f1, auc}; AUC is NaN when only one class is present.
     """
-    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import log_loss
+
+    from raycyto.analysis.metrics import classification_metrics as scores
 
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     probs = probs / probs.sum(1, keepdims=True)  # float32 softmax rows sum to 1 only within rounding
-    num_classes = probs.shape[1]
-    pred = probs.argmax(1)
-    if positive is not None:
-        p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=[positive], average=None,
-                                                     zero_division=0)
-        p, r, f = p[0], r[0], f[0]
-    else:
-        p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=list(range(num_classes)),
-                                                     average="macro", zero_division=0)
-    auc = math.nan
-    present = np.unique(labels)
-    if len(present) > 1:
-        if positive is not None:
-            auc = roc_auc_score(labels == positive, probs[:, positive])
-        elif len(present) == num_classes:
-            auc = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
-    loss = log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=list(range(num_classes)))
-    return {"loss": float(loss), "accuracy": float(accuracy_score(labels, pred)), "precision": float(p),
-            "recall": float(r), "f1": float(f), "auc": float(auc)}
+    # the report's own metric functions, so results.csv and `raycyto report` agree by construction
+    values, _ = scores(labels, probs.argmax(1), probs, positive)
+    loss = log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=list(range(probs.shape[1])))
+    return {"loss": float(loss), **values}
 
 
 def _better(value: float, best: float, mode: str) -> bool:
