@@ -34,15 +34,14 @@ def _config(data_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def _run(cfg, out: Path, cache: bool) -> dict:
-    import pandas as pd
-
+    from raycyto.analysis.load import read_csv
     from raycyto.tune.sweep import run_sweep
 
     t0 = time.perf_counter()
     run_sweep(cfg, out=out, progress=False, cache_features=cache)
     wall = time.perf_counter() - t0
     meta = json.loads((out / "experiment.json").read_text())
-    results = pd.read_csv(out / "results.csv")
+    results = read_csv(out / "results.csv")
     assert (results["status"] == "TERMINATED").all(), results[["trial_id", "status", "error"]]
     return {"wall_s": wall, "tune_wall_s": meta["tune_wall_s"], "trial_s": float(results["time_s"].sum()),
             "trials": len(results), "val_accuracy": float(results["val_accuracy"].mean())}

@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from raycyto.analysis.load import read_csv
+
 BINARY = ("normal", "abnormal")
 FIVE = ("ALL", "AML", "CLL", "CML", "HLT")
 CELLS = (("effnet_lite0", "frozen", "a"), ("effnet_lite0", "last1", "d"))
@@ -78,7 +80,9 @@ def fabricate_experiment(out: Path, classes: tuple[str, ...] = BINARY,
     batches = [16, 32, 64]
     for ci, (backbone, finetune, head) in enumerate(cells):
         for s in range(samples):
-            trial_id = f"t{ci:02d}_{s:02d}"
+            # Ray-shaped 8-hex-digit ids that look like numbers ("1e000000", "2e000001"):
+            # every reader must keep them as text
+            trial_id = f"{ci + 1}e{s:06d}"
             skill = {"val": rng.uniform(0.55, 0.95), "test": rng.uniform(0.55, 0.95)}
             for fold in range(folds):
                 for split in ("val", "test"):
@@ -157,7 +161,7 @@ def test_fabricated_experiment_follows_the_contract(tmp_path):
     preds = pd.read_parquet(exp / "predictions.parquet")
     assert set(preds["split"]) == {"val", "test"}
     assert np.allclose(preds[["prob_normal", "prob_abnormal"]].sum(axis=1), 1)
-    results = pd.read_csv(exp / "results.csv")
+    results = read_csv(exp / "results.csv")
     assert len(results) == len(CELLS) * 2
     assert {f"val_{m}" for m in ("loss", "accuracy", "precision", "recall", "f1", "auc")} <= set(results)
     assert (exp / "histories" / results["trial_id"][0] / "fold1.csv").is_file()

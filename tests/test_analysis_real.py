@@ -13,6 +13,7 @@ from test_analysis_tables import check_tables_against_sklearn
 
 from raycyto.analysis import (hpo_table, load_experiment, selection_table, summary_table,
                               write_report)
+from raycyto.analysis.load import read_csv
 
 
 def test_real_sweep_tables_equal_sklearn_on_its_predictions(tiny_experiment):
@@ -39,7 +40,7 @@ def test_real_sweep_selection_ignores_corrupted_test_data(tiny_experiment, tmp_p
     rng = np.random.default_rng(0)
     preds.loc[test, "pred"] = rng.integers(0, 2, int(test.sum()))
     preds.to_parquet(exp_dir / "predictions.parquet", index=False)
-    res = pd.read_csv(exp_dir / "results.csv")
+    res = read_csv(exp_dir / "results.csv")
     for col in [c for c in res.columns if c.startswith("test_")]:
         res[col] = rng.random(len(res))
     res.to_csv(exp_dir / "results.csv", index=False)

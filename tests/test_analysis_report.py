@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from raycyto.analysis import write_report
 from raycyto.cli import app
+from raycyto.analysis.load import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +57,7 @@ def test_binary_report_writes_every_table_figure_and_page(binary_report):
 
 def test_report_html_highlights_the_validation_selected_row_and_shows_config_and_data(binary_report):
     page = binary_report.read_text()
-    summary = pd.read_csv(binary_report.parent / "summary.csv")
+    summary = read_csv(binary_report.parent / "summary.csv")
     best = summary.loc[summary["best"], "config"].iloc[0]
     sections = {s.split("</h2>")[0]: s for s in page.split("<h2>")[1:]}
     summary_html = next(v for k, v in sections.items() if k.startswith("summary"))
@@ -77,7 +78,7 @@ def test_five_class_report_has_one_vs_rest_roc_and_per_class_rows(tmp_path):
     per_class = pd.read_csv(tmp_path / "out" / "per_class.csv")
     assert sorted(per_class["class"].unique()) == sorted(FIVE)
     assert "one-vs-rest" in html.read_text()
-    assert (pd.read_csv(tmp_path / "out" / "summary.csv")["select_metric"] == "accuracy").all()
+    assert (read_csv(tmp_path / "out" / "summary.csv")["select_metric"] == "accuracy").all()
 
 
 def test_cli_report_writes_the_page(tmp_path):

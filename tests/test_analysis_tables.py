@@ -16,6 +16,7 @@ from test_analysis_fabricate import FIVE, fabricate_experiment, rewrite_predicti
 from raycyto.analysis import (ExperimentError, folds_table, hpo_table, load_experiment,
                               mispredictions_table, per_class_table, select_best,
                               selection_table, summary_table, threshold_for_recall)
+from raycyto.analysis.load import read_csv
 
 TOL = 1e-9
 
@@ -163,7 +164,7 @@ def test_selection_never_reads_test_metrics_or_predictions(tmp_path):
         return p
 
     rewrite_predictions(exp_dir, corrupt)
-    res = pd.read_csv(exp_dir / "results.csv")
+    res = read_csv(exp_dir / "results.csv")
     for m in ("loss", "accuracy", "precision", "recall", "f1", "auc"):
         res[f"test_{m}"] = np.where(res["trial_id"].isin(selected), 0.0 if m != "loss" else 9.0,
                                     1.0 if m != "loss" else 0.0)
@@ -279,7 +280,7 @@ def test_missing_column_and_field_errors_name_them(tmp_path):
     (exp_dir / "experiment.json").write_text(json.dumps(meta))
     with pytest.raises(ExperimentError, match=r"experiment\.json.*positive_class"):
         load_experiment(exp_dir)
-    res = pd.read_csv(exp_dir / "results.csv").drop(columns=["batch_size"])
+    res = read_csv(exp_dir / "results.csv").drop(columns=["batch_size"])
     meta["positive_class"] = "abnormal"
     (exp_dir / "experiment.json").write_text(json.dumps(meta))
     res.to_csv(exp_dir / "results.csv", index=False)
@@ -300,7 +301,7 @@ def test_failed_trials_are_never_selected(tmp_path):
     exp_dir = fabricate_experiment(tmp_path / "e", seed=6)
     exp = load_experiment(exp_dir)
     first = selection_table(exp)["trial_id"].iloc[0]
-    res = pd.read_csv(exp_dir / "results.csv")
+    res = read_csv(exp_dir / "results.csv")
     res.loc[res["trial_id"] == first, "status"] = "ERROR"
     res.to_csv(exp_dir / "results.csv", index=False)
     after = load_experiment(exp_dir)

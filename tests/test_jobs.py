@@ -11,9 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
+
+from raycyto.analysis.load import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -89,7 +90,7 @@ def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_
         assert "succeeded" in (job.stdout + job.stderr).lower()
     finally:
         _stop_head(temp_dir)
-    results = pd.read_csv(out / "results.csv")
+    results = read_csv(out / "results.csv")
     assert len(results) == 1 and results["status"].eq("TERMINATED").all()
     assert (out / "predictions.parquet").is_file() and (out / "checkpoints").is_dir()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raycyto.analysis.load import read_csv
+
 
 def test_mixed_stream_reports_exactly_the_planted_bad_files_and_processes_the_rest(ray_local, tmp_path):
     from raycyto.data.fixtures import planted_stream
@@ -32,7 +34,7 @@ def _keyed_predictions(exp_dir: Path, data_dir: Path):
     become the trial's (lr, batch size) and image paths become relative to the data folder."""
     import pandas as pd
 
-    results = pd.read_csv(exp_dir / "results.csv")[["trial_id", "lr", "batch_size"]]
+    results = read_csv(exp_dir / "results.csv")[["trial_id", "lr", "batch_size"]]
     preds = pd.read_parquet(exp_dir / "predictions.parquet").merge(results, on="trial_id")
     preds["path"] = [str(Path(p).relative_to(data_dir.resolve())) for p in preds["path"]]
     keys = ["backbone", "finetune", "head", "lr", "batch_size", "fold", "split", "path"]

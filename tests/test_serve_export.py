@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from raycyto.errors import ConfigError, WeightsError
+from raycyto.analysis.load import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def test_export_of_a_real_sweep_serves_offline(tiny_experiment, karyo_dir, tmp_p
 
     out = export_model(tiny_experiment, tmp_path / "model")
     doc = json.loads((out / "model.json").read_text())
-    results = pd.read_csv(tiny_experiment / "results.csv")
+    results = read_csv(tiny_experiment / "results.csv")
     col = doc["selection"]["metric"]
     best = results.loc[pd.to_numeric(results[col], errors="coerce").idxmax()]
     assert doc["selection"]["trial_id"] == str(best["trial_id"])

@@ -11,6 +11,7 @@ import pytest
 
 from raycyto.tune.search import read_search_log
 from raycyto.tune.trainable import read_events
+from raycyto.analysis.load import read_csv
 
 FOLDS = 3
 
@@ -18,7 +19,7 @@ FOLDS = 3
 @pytest.fixture(scope="module")
 def exp(tiny_experiment) -> dict:
     d = Path(tiny_experiment)
-    return {"dir": d, "results": pd.read_csv(d / "results.csv"),
+    return {"dir": d, "results": read_csv(d / "results.csv"),
             "preds": pd.read_parquet(d / "predictions.parquet"),
             "meta": json.loads((d / "experiment.json").read_text())}
 
@@ -29,7 +30,7 @@ def test_every_grid_cell_times_fold_is_present(exp):
     assert (res["status"] == "TERMINATED").all() and (res["folds_done"] == FOLDS).all()
     for tid in res["trial_id"]:
         for k in range(FOLDS):
-            hist = pd.read_csv(d / "histories" / tid / f"fold{k}.csv")
+            hist = read_csv(d / "histories" / tid / f"fold{k}.csv")
             assert {"epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall",
                     "val_auc", "train_auc"} <= set(hist.columns) and len(hist) == 2
             model = json.loads((d / "checkpoints" / tid / f"fold{k}" / "model.json").read_text())
@@ -75,7 +76,7 @@ def test_searcher_learns_from_fold_averaged_validation_metric(exp):
     for row in log:
         per_fold = []
         for k in range(FOLDS):
-            hist = pd.read_csv(d / "histories" / row["trial_id"] / f"fold{k}.csv")
+            hist = read_csv(d / "histories" / row["trial_id"] / f"fold{k}.csv")
             per_fold.append(hist["val_accuracy"].max())  # the best epoch's validation accuracy
         assert row["metric"] == "val_accuracy"
         assert row["value"] == pytest.approx(np.mean(per_fold), abs=1e-9)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from raycyto.analysis.load import read_csv
+
 
 def test_last1_sweep_trains_only_the_last_block_group_and_predicts_every_test_image(
         ray_local, karyo_dir, tmp_path):
@@ -26,7 +28,7 @@ def test_last1_sweep_trains_only_the_last_block_group_and_predicts_every_test_im
     })
     exp = run_sweep(cfg, out=tmp_path / "exp", progress=False)
 
-    results = pd.read_csv(exp / "results.csv")
+    results = read_csv(exp / "results.csv")
     assert list(results["status"]) == ["TERMINATED"] and list(results["finetune"]) == ["last1"]
     test = pd.read_parquet(exp / "predictions.parquet").query("split == 'test'")
     manifest = pd.read_csv(karyo_dir / "manifest.csv")

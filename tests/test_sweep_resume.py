@@ -16,6 +16,7 @@ import yaml
 
 from raycyto.tune.search import read_search_log
 from raycyto.tune.trainable import read_events
+from raycyto.analysis.load import read_csv
 
 SAMPLES = 3
 
@@ -59,7 +60,7 @@ def test_resume_after_sigint_reruns_no_finished_trial(ray_local, karyo_dir, tmp_
 
     resume_sweep(exp, progress=False)
 
-    results = pd.read_csv(exp / "results.csv")
+    results = read_csv(exp / "results.csv")
     assert len(results) == SAMPLES and (results["status"] == "TERMINATED").all()
     assert (results["folds_done"] == 2).all()
     for tid in finished:  # finished before the interrupt: started once, never again

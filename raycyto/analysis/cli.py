@@ -37,14 +37,16 @@ def report(
         raise typer.Exit(2) from None
     import pandas as pd
 
-    summary = pd.read_csv(path.parent / "summary.csv")
+    from raycyto.analysis.load import read_csv
+
+    summary = read_csv(path.parent / "summary.csv")
     best = summary[summary["best"]].iloc[0]
     console.print(f"best on validation {best['select_metric']}: {best['config']} (trial "
                   f"{best['trial_id']}); test accuracy {best['accuracy_mean']:.3f} ± "
                   f"{best['accuracy_std']:.3f}, recall {best['recall_mean']:.3f} ± "
                   f"{best['recall_std']:.3f}", highlight=False, soft_wrap=True)
     if target_recall is not None:
-        t = pd.read_csv(path.parent / "thresholds.csv")
+        t = read_csv(path.parent / "thresholds.csv")
         t = t[t["best"]].iloc[0]
         console.print(f"recall {target_recall:g} on validation needs MC threshold "
                       f"{t['threshold']:.3g} (refers {t['val_referral_rate']:.1%}); on test it "

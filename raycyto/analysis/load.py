@@ -112,7 +112,7 @@ class Experiment:
                 fold = int(path.stem.removeprefix("fold"))
             except ValueError:
                 continue
-            out[fold] = _read_csv(path)
+            out[fold] = read_csv(path)
         return out
 
 
@@ -120,9 +120,15 @@ def _fail(path: Path, message: str) -> ExperimentError:
     return ExperimentError(f"{path}: {message}")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a CSV that raycyto wrote (results.csv, summary.csv, histories...).
+
+    ``trial_id`` is always read as text: Ray's 8-hex-digit trial ids such as ``12345678``
+    or ``3e104512`` would otherwise come back as numbers (about 1 trial in 25).
+    """
+    path = Path(path)
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype={"trial_id": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise _fail(path, f"cannot read CSV ({exc})") from exc
 
@@ -249,11 +255,10 @@ def load_experiment(exp_dir: str | Path, progress: bool = False) -> Experiment:
         positive = _class_index(pos_value, class_names, meta_path, "positive_class")
 
     results_path = exp_dir / "results.csv"
-    results = _read_csv(results_path)
+    results = read_csv(results_path)
     _require_columns(results, RESULTS_COLUMNS, results_path)
     if results.empty:
         raise _fail(results_path, "has no trials")
-    results["trial_id"] = results["trial_id"].astype(str)
     if results["trial_id"].duplicated().any():
         dup = results.loc[results["trial_id"].duplicated(), "trial_id"].iloc[0]
         raise _fail(results_path, f"trial_id {dup!r} appears twice")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from raycyto.analysis.load import read_csv
 from raycyto.config import METRICS, metric_mode
 from raycyto.errors import ConfigError, DataError
 
@@ -135,7 +136,7 @@ def export_model(exp_dir: str | Path, out: str | Path, best: str | None = None,
     config = yaml.safe_load((exp_dir / "config.yaml").read_text()) if (exp_dir / "config.yaml").is_file() else {}
     metric = best or experiment.get("select_metric") or ((config or {}).get("train") or {}).get("select_metric") or "auc"
 
-    row = select_trial(pd.read_csv(results_csv), metric, trial)
+    row = select_trial(read_csv(results_csv), metric, trial)
     ckpt, fold, fold_score = select_fold(exp_dir, row, metric)
     model, meta = load_bundle(ckpt)  # verifies the checkpoint's checksums
 
