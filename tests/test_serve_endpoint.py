@@ -380,3 +380,61 @@ def test_killing_an_mc_head_replica_during_a_burst_loses_no_request(endpoint):
         codes = [f.result() for f in futures]
     assert codes == [200] * len(codes), codes
     assert victims[0]["name"] not in {a["name"] for a in _mc_replica_actors()}  # it really died
+
+
+# ------------------------------------------------------------------------ the shipped YAML, by the Serve CLI
+
+
+def test_serve_run_on_the_shipped_local_yaml_answers_predict(model_dir, tmp_path):
+    """`serve run serve_configs/local.yaml` in its own Ray, as a user starts it.
+
+    Only the HTTP port is changed (so it cannot clash with anything on 8000); the model comes
+    through the documented ``RAYCYTO_MODEL_DIR`` override.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((root / "serve_configs" / "local.yaml").read_text())
+    port = _free_port()
+    doc["http_options"]["port"] = port
+    config = tmp_path / "local.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local"}
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([str(serve_cli), "run", str(config)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("serve run never became ready:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+        rng = np.random.default_rng(1)
+        png = _encode((rng.random((40, 40, 3)) * 255).astype(np.uint8), ".png")
+        r = httpx.post(f"{url}/predict", files={"file": ("x.png", png, "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["label"] in {"normal", "abnormal"} and body["passes"] == 20
+        assert httpx.post(f"{url}/predict", content=b"", headers={"content-type": "image/png"},
+                          timeout=60).status_code == 400
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve run shuts its app and its Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
