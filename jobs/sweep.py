@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="sweep config YAML")
     parser.add_argument("--data", help="override data.source")
     parser.add_argument("--out", type=Path, help="experiment directory")
+    parser.add_argument("--storage", help="override storage: a folder or s3://bucket/prefix (multi-node clusters)")
     parser.add_argument("--resume", type=Path, help="continue the sweep in this EXP_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         exp_dir = sweep_main(config=args.config, data=args.data, out=args.out, resume=args.resume,
-                             progress=not args.quiet)
+                             progress=not args.quiet, storage=args.storage)
     except RaycytoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

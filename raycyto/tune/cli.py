@@ -12,6 +12,8 @@ def sweep(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Sweep config YAML."),
     data: Optional[str] = typer.Option(None, "--data", help="Override data.source (folder, manifest, URI)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment directory to create."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Override storage: a folder, or s3://bucket/prefix "
+                                          "(Tune state and every trial's files go there; needed on multi-node clusters)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted sweep in EXP_DIR."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
 ) -> None:
@@ -27,7 +29,8 @@ def sweep(
     from raycyto.tune.sweep import sweep_main
 
     try:
-        exp_dir = sweep_main(config=config, data=data, out=out, resume=resume, progress=not quiet)
+        exp_dir = sweep_main(config=config, data=data, out=out, resume=resume, progress=not quiet,
+                             storage=storage)
     except RaycytoError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional

@@ -12,24 +12,22 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
 import raycyto
 from raycyto.config import METRICS, SweepConfig, dump_config, load_config
+from raycyto.data.decode import is_uri
 from raycyto.errors import ConfigError, RaycytoError
+from raycyto.storage import copy_tree, path_exists
 
 TUNE_NAME = "tune"            # Tune's run directory: EXP_DIR/tune/
+ARTIFACT_DIRS = ("histories", "predictions", "checkpoints")  # what trials write per fold
 FAIL_ONCE_ENV = "RAYCYTO_FAIL_ONCE"   # test hook, see raycyto.tune.trainable
 CELL = ("backbone", "finetune", "head")
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -103,7 +101,7 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
         _log(progress, f"features {backbone}: {fs.features.shape} in {time.time() - t0:.1f}s (cached)")
     ctx = TrialContext(cfg=cfg, exp_dir=str(exp_dir), table=table, splits=splits, positive=positive,
                        feature_refs=refs, fail_once=os.environ.get(FAIL_ONCE_ENV) or None,
-                       cache_features=cache_features)
+                       cache_features=cache_features, artifact_uri=artifact_uri(cfg, exp_dir))
     paths = table.df["path"].astype(str).to_numpy()
     data = {
         "source": cfg.data.source,
@@ -149,11 +147,42 @@ def _tuner(cfg: SweepConfig, ctx: Any, exp_dir: Path, progress: bool, restore: b
     ), callback
 
 
+def artifact_uri(cfg: SweepConfig, exp_dir: Path) -> Optional[str]:
+    """``<storage URI>/<EXP_DIR name>`` for object storage (s3://, gs://, file://...), else None.
+
+    With object storage every trial, on whichever node it runs, publishes its fold files
+    there and the driver fetches them; Tune keeps its state there too. Without it, trials
+    write straight into EXP_DIR, which must then be on a filesystem every node mounts.
+    """
+    return f"{cfg.storage.rstrip('/')}/{exp_dir.name}" if is_uri(cfg.storage) else None
+
+
 def tune_storage(cfg: SweepConfig, exp_dir: Path) -> str:
     """Tune's run directory: EXP_DIR/tune, or <storage URI>/<EXP_DIR name>/tune for object stores."""
-    if _is_uri(cfg.storage):
-        return f"{cfg.storage.rstrip('/')}/{exp_dir.name}/{TUNE_NAME}"
-    return str((exp_dir / TUNE_NAME).resolve())
+    uri = artifact_uri(cfg, exp_dir)
+    return f"{uri}/{TUNE_NAME}" if uri else str((exp_dir / TUNE_NAME).resolve())
+
+
+def has_tune_state(cfg: SweepConfig, exp_dir: Path) -> bool:
+    """Whether a sweep already ran (or started) for EXP_DIR: its Tune directory exists."""
+    return path_exists(tune_storage(cfg, exp_dir))
+
+
+def _fetch_artifacts(uri: str, exp_dir: Path) -> None:
+    """Copy the fold files the trials published to ``uri`` into EXP_DIR (merging)."""
+    for name in ARTIFACT_DIRS:
+        if path_exists(f"{uri}/{name}"):
+            copy_tree(f"{uri}/{name}", str(exp_dir / name))
+
+
+def _warn_if_not_shared(cfg: SweepConfig, exp_dir: Path) -> None:
+    import ray
+
+    nodes = sum(bool(n["Alive"]) for n in ray.nodes())
+    if not is_uri(cfg.storage) and nodes > 1:
+        _log(True, f"[yellow]warning:[/yellow] {nodes} nodes and local storage: trials on "
+                   f"other nodes write to {exp_dir} on their own disk. Put EXP_DIR on a filesystem every "
+                   "node mounts, or set storage: s3://bucket/prefix (or --storage).")
 
 
 def _trial_id(result: Any) -> str:
@@ -216,7 +245,7 @@ def _write_experiment(cfg: SweepConfig, ctx: Any, data: dict, exp_dir: Path, sta
 
 def default_exp_dir(cfg: SweepConfig) -> Path:
     """``<storage>/<name>-<YYYYmmdd-HHMMSS>`` (local storage) or ./experiments/... for URIs."""
-    root = Path("./experiments") if _is_uri(cfg.storage) else Path(cfg.storage)
+    root = Path("./experiments") if is_uri(cfg.storage) else Path(cfg.storage)
     return root / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -235,7 +264,7 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
         The experiment directory.
     """
     exp_dir = Path(out or default_exp_dir(cfg)).resolve()
-    if not resume and (exp_dir / TUNE_NAME).exists():
+    if not resume and has_tune_state(cfg, exp_dir):
         raise RaycytoError(f"{exp_dir} already holds a sweep; use --resume {exp_dir} or another --out")
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -243,6 +272,7 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
     from raycyto.data.pipeline import ensure_ray
 
     ensure_ray()
+    _warn_if_not_shared(cfg, exp_dir)
     started = time.time()
     ctx, data = build_context(cfg, exp_dir, progress, cache_features=cache_features)
     _write_experiment(cfg, ctx, data, exp_dir, started, None)
@@ -250,10 +280,12 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
     t_fit = time.time()
     grid = tuner.fit()
     tune_wall = time.time() - t_fit
+    if ctx.artifact_uri:
+        _fetch_artifacts(ctx.artifact_uri, exp_dir)
     results = collect(grid, cfg, exp_dir)
     _write_experiment(cfg, ctx, data, exp_dir, started, time.time(), tune_wall)
-    if _is_uri(cfg.storage):
-        _upload(exp_dir, f"{cfg.storage.rstrip('/')}/{exp_dir.name}")
+    if ctx.artifact_uri:
+        _upload(exp_dir, ctx.artifact_uri)
     if progress:
         print_summary(results, cfg)
     return exp_dir
@@ -262,15 +294,19 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
 def resume_sweep(exp_dir: Path, progress: bool = True) -> Path:
     """Continue the sweep in ``exp_dir`` (its config.yaml); finished trials are kept as they are."""
     exp_dir = Path(exp_dir)
-    if not (exp_dir / "config.yaml").is_file() or not (exp_dir / TUNE_NAME).exists():
+    if not (exp_dir / "config.yaml").is_file():
         raise RaycytoError(f"{exp_dir} is not a sweep directory (needs config.yaml and {TUNE_NAME}/)")
-    return run_sweep(load_config(exp_dir / "config.yaml"), out=exp_dir, progress=progress, resume=True)
+    cfg = load_config(exp_dir / "config.yaml")
+    if not has_tune_state(cfg, exp_dir):
+        raise RaycytoError(f"{exp_dir}: no Tune state at {tune_storage(cfg, exp_dir)}; nothing to resume")
+    return run_sweep(cfg, out=exp_dir, progress=progress, resume=True)
 
 
 def _upload(exp_dir: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    pafs.copy_files(str(exp_dir), uri, source_filesystem=pafs.LocalFileSystem())
+    """EXP_DIR's own files to ``uri`` (the trials' fold files are there already)."""
+    for entry in sorted(exp_dir.iterdir()):
+        if entry.name not in ARTIFACT_DIRS:
+            copy_tree(str(entry), f"{uri}/{entry.name}")
 
 
 def print_summary(results: pd.DataFrame, cfg: SweepConfig, top: int = 10) -> None:
@@ -292,7 +328,7 @@ def print_summary(results: pd.DataFrame, cfg: SweepConfig, top: int = 10) -> Non
 
 
 def sweep_main(config: Optional[Path] = None, data: Optional[str] = None, out: Optional[Path] = None,
-               resume: Optional[Path] = None, progress: bool = True) -> Path:
+               resume: Optional[Path] = None, progress: bool = True, storage: Optional[str] = None) -> Path:
     """What ``raycyto sweep`` and ``jobs/sweep.py`` run: load, override, sweep or resume.
 
     Args:
@@ -301,17 +337,20 @@ def sweep_main(config: Optional[Path] = None, data: Optional[str] = None, out: O
         out: EXP_DIR (default ``<storage>/<name>-<timestamp>``).
         resume: an interrupted EXP_DIR to continue.
         progress: rich progress and the summary table.
+        storage: overrides ``storage`` (a folder, or an object-store URI such as s3://bucket/prefix).
 
     Returns:
         The experiment directory.
     """
     if resume is not None:
-        if config is not None or data is not None:
-            raise ConfigError("--resume", "takes no --config/--data: the sweep's own config.yaml is used")
+        if config is not None or data is not None or storage is not None:
+            raise ConfigError("--resume", "takes no --config/--data/--storage: the sweep's own config.yaml is used")
         return resume_sweep(resume, progress=progress)
     if config is None:
         raise ConfigError("--config", "a sweep config YAML is required (e.g. jobs/configs/demo.yaml)")
     cfg = load_config(config)
     if data is not None:
         cfg = cfg.replace(**{"data.source": data})
+    if storage is not None:
+        cfg = cfg.replace(storage=storage)
     return run_sweep(cfg, out=out, progress=progress)

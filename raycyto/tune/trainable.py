@@ -12,6 +12,9 @@ Files written per fold into the experiment directory (see docs/ARCHITECTURE.md):
 fold trained, validated and tested on), ``checkpoints/<trial>/fold<k>/`` (model bundle),
 ``predictions/<trial>/fold<k>.parquet`` (merged into predictions.parquet by the driver) and
 ``events/<trial>.jsonl`` (trial start and fold completion times: evidence for resume tests).
+With object storage (``storage: s3://...``) the fold files go to ``<storage>/<EXP_DIR name>/``
+instead, so trials on any node of a cluster reach the driver, which fetches them; events
+stay on the trial's node (best effort, diagnostics only).
 
 Test hook: when ``TrialContext.fail_once`` names a file that does not exist yet, the trial
 creates it and raises once after its first fold (``RAYCYTO_FAIL_ONCE=<path>`` sets it).
@@ -23,9 +26,10 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -52,6 +56,7 @@ class TrialContext:
     feature_refs: dict[str, Any] = field(default_factory=dict)
     fail_once: Optional[str] = None
     cache_features: bool = True    # False: benchmark baseline, the backbone re-runs in every fold
+    artifact_uri: Optional[str] = None  # object storage for the fold files; None: EXP_DIR itself
 
     @property
     def class_names(self) -> list[str]:
@@ -64,9 +69,26 @@ class TrialContext:
 
 def _event(exp_dir: str, trial_id: str, event: str, **kw: Any) -> None:
     path = Path(exp_dir) / "events" / f"{trial_id}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **kw}) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **kw}) + "\n")
+    except OSError:  # a worker node without EXP_DIR's path: events are diagnostics only
+        pass
+
+
+@contextmanager
+def fold_output(ctx: TrialContext) -> Iterator[Path]:
+    """The folder a fold writes its files into: EXP_DIR itself, or (object storage) a
+    temporary folder published to ``ctx.artifact_uri`` when the fold is done."""
+    if ctx.artifact_uri is None:
+        yield Path(ctx.exp_dir)
+        return
+    from raycyto.storage import copy_tree
+
+    with tempfile.TemporaryDirectory(prefix="raycyto-fold-") as tmp:
+        yield Path(tmp)
+        copy_tree(tmp, ctx.artifact_uri)
 
 
 def read_events(exp_dir: str | Path, trial_id: str) -> list[dict]:
@@ -212,33 +234,34 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
     from raycyto.models.bundle import save_bundle
 
     ctx, cfg, config = runner.ctx, runner.cfg, runner.config
-    exp, k = Path(ctx.exp_dir), split.fold
+    k = split.fold
     model, history, evals, used = runner.run(split)
-    hist_dir = exp / "histories" / trial_id
-    hist_dir.mkdir(parents=True, exist_ok=True)
-    history.to_csv(hist_dir / f"fold{k}.csv", index=False)
-    (hist_dir / f"fold{k}_data.json").write_text(json.dumps(used))
-    frames, metrics = [], {}
-    class_names = ctx.class_names
-    for name, (feats, labels, meta) in evals.items():
-        probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=cfg.cv.seed * 1000 + k)
-        meta = meta.assign(label=labels, label_name=[class_names[i] for i in labels])
-        frame = _prediction_frame(probs, mc, meta, class_names)
-        frames.append(frame.assign(trial_id=trial_id, backbone=config["backbone"], finetune=config["finetune"],
-                                   head=config["head"], fold=k, split=name))
-    pred_dir = exp / "predictions" / trial_id
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames, ignore_index=True).to_parquet(pred_dir / f"fold{k}.parquet", index=False)
-    save_bundle(exp / "checkpoints" / trial_id / f"fold{k}", model, meta={
-        "class_names": class_names,
-        "positive_class": None if ctx.positive is None else class_names[ctx.positive],
-        "input_size": cfg.data.input_size or model.spec.input_size,
-        "image_size": cfg.data.image_size,
-        "mc": {"passes": cfg.mc.passes, "threshold": cfg.mc.threshold, "scope": "head"},
-        "trial_id": trial_id, "fold": k, "lr": float(config["lr"]), "batch_size": int(config["batch_size"]),
-        "best_epoch": used["best_epoch"],
-        "metrics": {f"{s}_{m}": v for s, d in metrics.items() for m, v in d.items()},
-    })
+    with fold_output(ctx) as exp:
+        hist_dir = exp / "histories" / trial_id
+        hist_dir.mkdir(parents=True, exist_ok=True)
+        history.to_csv(hist_dir / f"fold{k}.csv", index=False)
+        (hist_dir / f"fold{k}_data.json").write_text(json.dumps(used))
+        frames, metrics = [], {}
+        class_names = ctx.class_names
+        for name, (feats, labels, meta) in evals.items():
+            probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=cfg.cv.seed * 1000 + k)
+            meta = meta.assign(label=labels, label_name=[class_names[i] for i in labels])
+            frame = _prediction_frame(probs, mc, meta, class_names)
+            frames.append(frame.assign(trial_id=trial_id, backbone=config["backbone"], finetune=config["finetune"],
+                                       head=config["head"], fold=k, split=name))
+        pred_dir = exp / "predictions" / trial_id
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_parquet(pred_dir / f"fold{k}.parquet", index=False)
+        save_bundle(exp / "checkpoints" / trial_id / f"fold{k}", model, meta={
+            "class_names": class_names,
+            "positive_class": None if ctx.positive is None else class_names[ctx.positive],
+            "input_size": cfg.data.input_size or model.spec.input_size,
+            "image_size": cfg.data.image_size,
+            "mc": {"passes": cfg.mc.passes, "threshold": cfg.mc.threshold, "scope": "head"},
+            "trial_id": trial_id, "fold": k, "lr": float(config["lr"]), "batch_size": int(config["batch_size"]),
+            "best_epoch": used["best_epoch"],
+            "metrics": {f"{s}_{m}": v for s, d in metrics.items() for m, v in d.items()},
+        })
     return metrics
 
 
