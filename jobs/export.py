@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments and export; returns the process exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exp_dir", type=Path, help="experiment directory written by the sweep")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the model bundle")
+    parser.add_argument("--out", required=True, help="folder (or s3://... URI) for the model bundle")
     parser.add_argument("--best", help="selection metric (default: the sweep's)")
     parser.add_argument("--trial", help="export this trial id instead of the best")
     args = parser.parse_args(argv)

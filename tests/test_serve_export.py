@@ -127,6 +127,35 @@ def test_export_of_a_real_sweep_serves_offline(tiny_experiment, karyo_dir, tmp_p
     assert result["passes"] == 10 and result["label"] in doc["class_names"]
 
 
+def test_export_to_an_object_store_uri_serves_from_it(fake_experiment, tmp_path):
+    """``--out s3://...`` and ``model_dir: s3://...``, run through a ``file://`` URI."""
+    from typer.testing import CliRunner
+
+    from raycyto.cli import app
+    from raycyto.errors import RaycytoError
+    from raycyto.serve.app import resolve_model_dir
+    from raycyto.serve.export import export_model
+    from raycyto.serve.predict import LocalPredictor
+
+    uri = (tmp_path / "bucket" / "model").as_uri()
+    res = CliRunner().invoke(app, ["export", str(fake_experiment), "--out", uri])
+    assert res.exit_code == 0, res.output
+    assert "trial B fold 1" in res.output and (tmp_path / "bucket" / "model" / "model.json").is_file()
+    assert resolve_model_dir(uri + "/") == uri
+
+    import cv2
+
+    png = cv2.imencode(".png", (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))[1].tobytes()
+    local = export_model(fake_experiment, tmp_path / "local")
+    assert LocalPredictor(uri).predict_bytes(png) == LocalPredictor(local).predict_bytes(png)
+
+    nothing = (tmp_path / "nothing").as_uri()
+    with pytest.raises(ConfigError, match="model_dir"):
+        resolve_model_dir(nothing)
+    with pytest.raises(RaycytoError):
+        LocalPredictor(nothing)
+
+
 # ------------------------------------------------------------------------ configs
 
 

@@ -233,15 +233,31 @@ class Ingress:
             raise RuntimeError("deployment handles missing")
 
 
-def resolve_model_dir(model_dir: str) -> Path:
-    """``$RAYCYTO_MODEL_DIR`` if set, else ``model_dir``; absolute; must hold model.json."""
-    from raycyto.errors import ConfigError
+def resolve_model_dir(model_dir: str) -> str:
+    """``$RAYCYTO_MODEL_DIR`` if set, else ``model_dir``; absolute (or a URI); must hold model.json.
 
-    path = Path(os.environ.get(MODEL_DIR_ENV) or model_dir).expanduser().resolve()
+    A URI (``s3://bucket/models/x``) is kept: every replica, on whichever node, copies the
+    bundle from there and verifies it.
+    """
+    from raycyto.data.decode import is_uri
+    from raycyto.errors import ConfigError
+    from raycyto.storage import path_exists
+
+    chosen = os.environ.get(MODEL_DIR_ENV) or model_dir
+    if is_uri(chosen):
+        try:
+            found = path_exists(f"{chosen.rstrip('/')}/model.json")
+        except (OSError, ValueError) as exc:
+            raise ConfigError("model_dir", f"{chosen}: cannot read ({exc})") from None
+        if not found:
+            raise ConfigError("model_dir", f"{chosen} holds no model.json; export one with "
+                                           f"`raycyto export EXP_DIR --out {chosen}`")
+        return chosen.rstrip("/")
+    path = Path(chosen).expanduser().resolve()
     if not (path / "model.json").is_file():
         raise ConfigError("model_dir", f"{path} holds no model.json; export one with "
                                        f"`raycyto export EXP_DIR --out {path}`")
-    return path
+    return str(path)
 
 
 def build_app(args: AppArgs) -> Application:
@@ -256,7 +272,7 @@ def build_app(args: AppArgs) -> Application:
     """
     if isinstance(args, dict):  # called directly from Python with a dict
         args = AppArgs.model_validate(args)
-    model_dir = str(resolve_model_dir(args.model_dir))
+    model_dir = resolve_model_dir(args.model_dir)
     args = args.model_copy(update={"model_dir": model_dir})
     backbone = Backbone.options(
         num_replicas=args.backbone_replicas,

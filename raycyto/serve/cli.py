@@ -13,7 +13,7 @@ import typer
 
 def export(
     exp_dir: Path = typer.Argument(..., help="experiment folder written by `raycyto sweep`"),
-    out: Path = typer.Option(..., "--out", "-o", help="folder to write the model bundle to"),
+    out: str = typer.Option(..., "--out", "-o", help="folder (or s3://... URI) to write the model bundle to"),
     best: Optional[str] = typer.Option(None, "--best", help="selection metric (default: the sweep's)"),
     trial: Optional[str] = typer.Option(None, "--trial", help="export this trial id instead"),
 ) -> None:
@@ -23,20 +23,21 @@ def export(
     """
     from raycyto.errors import RaycytoError
     from raycyto.serve.export import export_model
+    from raycyto.storage import read_text
 
     try:
         path = export_model(exp_dir, out, best=best, trial=trial)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    meta = json.loads((path / "model.json").read_text())
+    meta = json.loads(read_text(f"{path}/model.json"))
     sel = meta.get("selection", {})
     typer.echo(f"exported trial {sel.get('trial_id')} fold {sel.get('fold')} "
                f"({sel.get('metric')}={meta.get('metrics', {}).get('val', {})}) -> {path}")
 
 
 def serve(
-    model_dir: Path = typer.Argument(..., help="model bundle written by `raycyto export`"),
+    model_dir: str = typer.Argument(..., help="model bundle written by `raycyto export` (folder or s3://... URI)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     passes: Optional[int] = typer.Option(None, "--passes", help="default MC passes"),
@@ -79,7 +80,7 @@ def serve(
 
 
 def predict(
-    model_dir: Path = typer.Argument(..., help="model bundle written by `raycyto export`"),
+    model_dir: str = typer.Argument(..., help="model bundle written by `raycyto export` (folder or s3://... URI)"),
     images: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, TIFF, BMP)"),
     passes: Optional[int] = typer.Option(None, "--passes"),
     threshold: Optional[float] = typer.Option(None, "--threshold"),

@@ -25,7 +25,9 @@ import pandas as pd
 
 from raycyto.analysis.load import read_csv
 from raycyto.config import METRICS, metric_mode
+from raycyto.data.decode import is_uri
 from raycyto.errors import ConfigError, DataError
+from raycyto.storage import copy_tree
 
 
 def metric_column(metric: str) -> tuple[str, bool]:
@@ -113,12 +115,14 @@ def _metrics(row: pd.Series, prefix: str) -> dict[str, float]:
 
 
 def export_model(exp_dir: str | Path, out: str | Path, best: str | None = None,
-                 trial: str | None = None) -> Path:
+                 trial: str | None = None) -> Path | str:
     """Export the best (or a named) trial of a sweep as a verified model bundle.
 
     Args:
         exp_dir: experiment folder written by ``raycyto sweep``.
-        out: destination folder (replaced if it already holds a bundle).
+        out: destination folder (replaced if it already holds a bundle), or an object-store
+            URI (``s3://bucket/models/x``, pass it as a string): the verified bundle is
+            written locally, then copied there.
         best: selection metric (default: the experiment's configured ``select_metric``).
         trial: export this trial id instead of the best one.
     Returns:
@@ -128,6 +132,12 @@ def export_model(exp_dir: str | Path, out: str | Path, best: str | None = None,
 
     from raycyto.models.bundle import load_bundle, save_bundle
 
+    if is_uri(str(out)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="raycyto-export-") as tmp:
+            copy_tree(str(export_model(exp_dir, Path(tmp) / "model", best, trial)), str(out))
+        return out
     exp_dir, out = Path(exp_dir), Path(out)
     results_csv = exp_dir / "results.csv"
     if not results_csv.is_file():

@@ -90,14 +90,29 @@ class LoadedModel:
     """A verified bundle ready to embed images and run MC chunks.
 
     Args:
-        model_dir: folder written by ``raycyto export`` (or ``save_bundle``); its
+        model_dir: folder written by ``raycyto export`` (or ``save_bundle``), or an
+            object-store URI of one (copied to a local temporary folder first); its
             checksums are verified on load and a mismatch is refused.
         device: torch device string.
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+        from raycyto.data.decode import is_uri
         from raycyto.models.bundle import load_bundle
 
+        if is_uri(str(model_dir)):
+            import tempfile
+
+            from raycyto.storage import copy_tree
+
+            from raycyto.errors import ConfigError
+
+            local = Path(tempfile.mkdtemp(prefix="raycyto-model-")) / "model"
+            try:
+                copy_tree(str(model_dir), str(local))
+            except (OSError, ValueError) as exc:
+                raise ConfigError("model_dir", f"cannot copy the bundle from {model_dir} ({exc})") from None
+            model_dir = local
         self.model_dir = Path(model_dir)
         model, meta = load_bundle(self.model_dir)
         self.model = model.to(device).eval()
