@@ -239,6 +239,9 @@ class MCConfig:
             raise ConfigError(f"{prefix}.threshold", f"expected 0 < value <= 1, got {self.threshold}")
 
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")  # what pyarrow.fs opens
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """A whole sweep: data, cross-validation, grid, search, training, resources, MC, storage."""
@@ -256,6 +259,13 @@ class SweepConfig:
     def _check(self, prefix: str) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError("name", f"expected a non-empty name without '/', got {self.name!r}")
+        if not self.storage.strip():
+            raise ConfigError("storage", "expected a folder or an object-store URI, got ''")
+        if "://" in self.storage:
+            scheme, rest = self.storage.split("://", 1)
+            if scheme not in STORAGE_SCHEMES or not rest.strip("/"):
+                raise ConfigError("storage", f"expected a folder or a URI like s3://bucket/prefix "
+                                             f"({', '.join(STORAGE_SCHEMES)}), got {self.storage!r}")
 
     def replace(self, **sections: Any) -> "SweepConfig":
         """A copy with whole sections or dotted fields replaced: ``cfg.replace(**{"data.source": p})``."""

@@ -55,11 +55,19 @@ def test_study_configs_match_the_studies():
     ({"data": {"classes": ["A", "B"], "positive_class": "C"}}, "data.positive_class"),
     ({"resources": {"gpus_per_trial": 1.5}}, "resources.gpus_per_trial"),
     ({"mc": {"threshold": 1.5}}, "mc.threshold"),
+    ({"storage": "s3://"}, "storage"),
+    ({"storage": "ftp://host/runs"}, "storage"),
+    ({"storage": ""}, "storage"),
 ])
 def test_unknown_or_invalid_field_is_named(raw, field):
     with pytest.raises(ConfigError) as info:
         load_config(raw)
     assert info.value.field == field and str(info.value).startswith(f"{field}: ")
+
+
+def test_storage_accepts_folders_and_object_store_uris():
+    for storage in ("./experiments", "/abs/runs", "s3://bucket/raycyto", "gs://b/p", "file:///tmp/x"):
+        assert load_config({"storage": storage}).storage == storage
 
 
 def test_fractional_gpus_and_yaml_scientific_notation_are_accepted(tmp_path):

@@ -165,7 +165,10 @@ def tune_storage(cfg: SweepConfig, exp_dir: Path) -> str:
 
 def has_tune_state(cfg: SweepConfig, exp_dir: Path) -> bool:
     """Whether a sweep already ran (or started) for EXP_DIR: its Tune directory exists."""
-    return path_exists(tune_storage(cfg, exp_dir))
+    try:
+        return path_exists(tune_storage(cfg, exp_dir))
+    except (OSError, ValueError) as exc:  # unreachable bucket, no credentials, bad URI
+        raise ConfigError("storage", f"cannot open {cfg.storage!r}: {exc}") from None
 
 
 def _fetch_artifacts(uri: str, exp_dir: Path) -> None:
