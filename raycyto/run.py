@@ -11,6 +11,7 @@ of inputs.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -165,7 +166,10 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
         answers = query_endpoint(f"http://127.0.0.1:{port}/predict",
                                  _sample_images(paths["data"], cfg.data.positive_class))
     finally:
-        serve.shutdown()
+        # on a Ray this job started, ray.shutdown() takes Serve with it (serve.shutdown()
+        # first only adds Ray 2.60's "graceful_shutdown failed" noise); on a cluster, tidy up
+        if os.environ.get("RAY_ADDRESS"):
+            serve.shutdown()
         ray.shutdown()
     _print_answers(answers)
 
