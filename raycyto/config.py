@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from raycyto.device import PRECISIONS
 from raycyto.errors import ConfigError
 
 #: Metrics a trial reports per split; ``val_<m>`` selects epochs and drives the search.
@@ -190,9 +191,11 @@ class TrainConfig:
     select_metric: str = "val_accuracy"
     weight_decay: float = 0.0
     patience: Optional[int] = None  # stop after this many epochs without improvement
+    precision: str = "fp32"         # "bf16": autocast (on the trial's GPU, or the CPU)
 
     def _check(self, prefix: str) -> None:
         _positive(self, prefix, "epochs")
+        _choice(prefix, "precision", self.precision, PRECISIONS)
         _choice(prefix, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(prefix, "loss", self.loss, LOSSES)
         _check_metric(f"{prefix}.select_metric", self.select_metric)

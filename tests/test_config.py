@@ -55,6 +55,7 @@ def test_study_configs_match_the_studies():
     ({"data": {"classes": ["A", "B"], "positive_class": "C"}}, "data.positive_class"),
     ({"resources": {"gpus_per_trial": 1.5}}, "resources.gpus_per_trial"),
     ({"mc": {"threshold": 1.5}}, "mc.threshold"),
+    ({"train": {"precision": "fp16"}}, "train.precision"),
     ({"storage": "s3://"}, "storage"),
     ({"storage": "ftp://host/runs"}, "storage"),
     ({"storage": ""}, "storage"),

@@ -46,6 +46,37 @@ def test_best_epoch_by_select_metric_is_the_model_returned():
     assert {"train_loss", "train_accuracy", "val_precision", "val_recall", "val_auc"} <= set(res.history)
 
 
+def test_bf16_precision_runs_the_forward_in_bf16_and_keeps_metrics_fp32():
+    from raycyto.models.heads import build_head
+    from raycyto.tune.train import array_batches, fit
+
+    x, y = _blobs()
+    dtypes = []
+
+    def forward(model, xb):
+        logits = model(xb)
+        dtypes.append(logits.dtype)
+        return logits
+
+    torch.manual_seed(0)
+    res = fit(build_head("a", 16, 2), array_batches(x[:40], y[:40], 8, seed=0),
+              lambda: array_batches(x[40:], y[40:], 64)(0), num_classes=2, positive=1, lr=1e-2, epochs=3,
+              forward=forward, precision="bf16")
+    assert set(dtypes) == {torch.bfloat16}  # autocast on (CPU here, the trial's GPU on a cluster)
+    assert res.history.notna().all().all() and res.best["val_accuracy"] > 0.8
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in res.model.parameters())
+    fp32 = _train(epochs=3)
+    assert fp32.history["val_accuracy"].iloc[-1] == pytest.approx(res.history["val_accuracy"].iloc[-1], abs=0.1)
+
+
+def test_worker_device_is_the_cpu_without_a_visible_gpu():
+    from raycyto.device import autocast, worker_device
+
+    assert worker_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        autocast("cpu", "fp16")
+
+
 def test_head_b_is_head_a_followed_by_a_calibrated_svm():
     res = _train("b")
     assert bool(res.model.svm_fitted)

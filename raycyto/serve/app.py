@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from raycyto.device import worker_device
 from raycyto.serve.api import ApiSettings, ServiceUnavailable, build_api
 from raycyto.serve.predict import DEFAULT_MC_REPLICAS, LoadedModel, build_result, chunk_plan, resolve_fan_out
 
@@ -72,14 +73,6 @@ def _threads_for_replica() -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _device() -> str:
-    import ray
-    import torch
-
-    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
-    return "cuda" if gpus and torch.cuda.is_available() else "cpu"
-
-
 @serve.deployment(name="Backbone", max_ongoing_requests=32, health_check_period_s=10)
 class Backbone:
     """Preprocess + backbone with dynamic batching; returns what the MC replicas need."""
@@ -88,7 +81,7 @@ class Backbone:
         import threading
 
         _threads_for_replica()
-        self.model = LoadedModel(model_dir, device=_device())
+        self.model = LoadedModel(model_dir, device=worker_device())
         self.lock = threading.Lock()
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -126,7 +119,7 @@ class MCHead:
         import threading
 
         _threads_for_replica()
-        self.model = LoadedModel(model_dir, device=_device())
+        self.model = LoadedModel(model_dir, device=worker_device())
         self.replica_id = serve.get_replica_context().replica_tag
         self.lock = threading.Lock()  # seeded passes must not interleave
 

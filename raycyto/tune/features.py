@@ -72,13 +72,12 @@ class FeatureExtractor:
 
     def __init__(self, backbone: str, input_size: Optional[int], pretrained: bool = True,
                  device: Optional[str] = None) -> None:
-        import torch
-
+        from raycyto.device import worker_device
         from raycyto.models.registry import build_backbone, get_spec
 
         self.spec = get_spec(backbone)
         self.input_size = input_size
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or worker_device()
         self.model = build_backbone(backbone, pretrained).eval().to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -93,7 +93,7 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
         num_classes: int, positive: Optional[int], lr: float, epochs: int, optimizer: str = "adam",
         weight_decay: float = 0.0, class_weight: Optional[np.ndarray] = None,
         select_metric: str = "val_accuracy", patience: Optional[int] = None,
-        forward: Optional[Callable] = None) -> FitResult:
+        forward: Optional[Callable] = None, device: Optional[str] = None, precision: str = "fp32") -> FitResult:
     """Train ``model`` with cross-entropy; keep the epoch with the best ``select_metric``.
 
     Args:
@@ -107,16 +107,23 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
         select_metric: ``val_<m>`` picking the best epoch (min for loss, max otherwise).
         patience: stop after this many epochs without improvement (None: run all epochs).
         forward: optional ``(model, x) -> logits`` (default ``model(x)``).
+        device: where to train (default :func:`raycyto.device.worker_device`: the GPU Ray gave
+            this trial, else the CPU). The model comes back on the CPU.
+        precision: "fp32", or "bf16" (autocast; the loss and metrics stay fp32).
 
     Returns:
         FitResult with the best weights loaded into ``model``.
     """
     import torch
 
+    from raycyto.device import autocast, worker_device
+
+    device = device or worker_device()
     forward = forward or (lambda m, x: m(x))
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = OPTIMIZERS[optimizer](params, lr, weight_decay)
-    weight = torch.as_tensor(class_weight, dtype=torch.float32) if class_weight is not None else None
+    weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     mode = metric_mode(select_metric)
     rows, best_value, best_epoch, best_state, since_best = [], math.nan, 0, None, 0
@@ -124,15 +131,17 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
         model.train()
         ys, ps = [], []
         for x, y in train_batches(epoch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            logits = forward(model, x)  # [B, C]
+            with autocast(device, precision):
+                logits = forward(model, x).float()  # [B, C]
             loss = loss_fn(logits, y)
             loss.backward()
             opt.step()
-            ys.append(y.numpy())
-            ps.append(torch.softmax(logits.detach(), 1).numpy())
+            ys.append(y.cpu().numpy())
+            ps.append(torch.softmax(logits.detach(), 1).cpu().numpy())
         train = classification_metrics(np.concatenate(ys), np.concatenate(ps), positive)
-        val_probs, val_labels = predict_probs(model, val_batches(), forward)
+        val_probs, val_labels = predict_probs(model, val_batches(), forward, device, precision)
         val = classification_metrics(val_labels, val_probs, positive)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
                **{f"val_{k}": v for k, v in val.items()}}
@@ -145,27 +154,29 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
             if patience is not None and since_best >= patience:
                 break
     model.load_state_dict(best_state)
-    model.eval()
+    model.to("cpu").eval()
     history = pd.DataFrame(rows)
     best = {f"val_{m}": float(history.loc[best_epoch - 1, f"val_{m}"]) for m in METRICS}
     return FitResult(model=model, history=history, best_epoch=best_epoch, best=best)
 
 
-def predict_probs(model: "nn.Module", batches: Iterable, forward: Optional[Callable] = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (eval mode, no grad) softmax probabilities.
+def predict_probs(model: "nn.Module", batches: Iterable, forward: Optional[Callable] = None,
+                  device: str = "cpu", precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (eval mode, no grad) softmax probabilities; ``model`` must be on ``device``.
 
     Returns:
         (probs [N, C] float32, labels [N] int64) in batch order.
     """
     import torch
 
+    from raycyto.device import autocast
+
     forward = forward or (lambda m, x: m(x))
     model.eval()
     ps, ys = [], []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         for x, y in batches:
-            ps.append(torch.softmax(forward(model, x), 1).numpy())
+            ps.append(torch.softmax(forward(model, x.to(device)).float(), 1).cpu().numpy())
             ys.append(np.asarray(y))
     return np.concatenate(ps).astype(np.float32), np.concatenate(ys).astype(np.int64)
 
@@ -208,7 +219,7 @@ def train_head(head: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                num_classes: int, positive: Optional[int], lr: float, batch_size: int, epochs: int,
                optimizer: str = "adam", weight_decay: float = 0.0, class_weight: Optional[np.ndarray] = None,
                select_metric: str = "val_accuracy", patience: Optional[int] = None, seed: int = 0,
-               head_kwargs: Optional[dict] = None) -> FitResult:
+               head_kwargs: Optional[dict] = None, precision: str = "fp32") -> FitResult:
     """Train a head (``raycyto.models.heads``) on feature arrays.
 
     Heads with a ``fit_svm`` step (head "b") are trained like head "a", then the SVM is
@@ -231,7 +242,7 @@ def train_head(head: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                  lambda: array_batches(x_val, y_val, max(batch_size, 256))(0),
                  num_classes=num_classes, positive=positive, lr=lr, epochs=epochs, optimizer=optimizer,
                  weight_decay=weight_decay, class_weight=class_weight, select_metric=select_metric,
-                 patience=patience)
+                 patience=patience, precision=precision)
     if hasattr(result.model, "fit_svm"):
         result.model.fit_svm(np.asarray(x_train, np.float32), np.asarray(y_train, np.int64))
     return result
@@ -269,7 +280,7 @@ def train_finetune(model: "nn.Module", train_ds: Any, val_images: np.ndarray, va
                    num_classes: int, positive: Optional[int], lr: float, batch_size: int, epochs: int,
                    optimizer: str = "adam", weight_decay: float = 0.0,
                    class_weight: Optional[np.ndarray] = None, select_metric: str = "val_accuracy",
-                   patience: Optional[int] = None, seed: int = 0) -> FitResult:
+                   patience: Optional[int] = None, seed: int = 0, precision: str = "fp32") -> FitResult:
     """Fine-tune a classifier (backbone + head) on images streamed from Ray Data.
 
     Args:
@@ -286,7 +297,7 @@ def train_finetune(model: "nn.Module", train_ds: Any, val_images: np.ndarray, va
                  lambda: image_array_batches(val_images, val_labels, model.spec, input_size, 64),
                  num_classes=num_classes, positive=positive, lr=lr, epochs=epochs, optimizer=optimizer,
                  weight_decay=weight_decay, class_weight=class_weight, select_metric=select_metric,
-                 patience=patience)
+                 patience=patience, precision=precision)
     if hasattr(result.model.head, "fit_svm"):
         feats, labels = extract_features(result.model, image_batches(train_ds, model.spec, input_size, 64)(0))
         result.model.head.fit_svm(feats, labels)
@@ -305,18 +316,24 @@ def image_array_batches(images: np.ndarray, labels: np.ndarray, spec: Any, input
                torch.as_tensor(np.asarray(labels[i:i + batch_size], dtype=np.int64)))
 
 
-def extract_features(model: "nn.Module", batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features of a classifier in eval mode.
+def extract_features(model: "nn.Module", batches: Iterable, device: Optional[str] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features of a classifier in eval mode, on ``device`` (default: the worker's);
+    the model comes back on the CPU.
 
     Returns:
         (features [N, D] float32, labels [N] int64) in batch order.
     """
     import torch
 
-    model.eval()
+    from raycyto.device import worker_device
+
+    device = device or worker_device()
+    model.to(device).eval()
     fs, ys = [], []
     with torch.no_grad():
         for x, y in batches:
-            fs.append(model.features(x).numpy())
+            fs.append(model.features(x.to(device)).float().cpu().numpy())
             ys.append(np.asarray(y))
+    model.to("cpu")
     return np.concatenate(fs).astype(np.float32), np.concatenate(ys).astype(np.int64)

@@ -165,7 +165,8 @@ class FoldRunner:
         t = self.cfg.train
         return dict(num_classes=self.num_classes, positive=self.ctx.positive, lr=float(self.config["lr"]),
                     batch_size=int(self.config["batch_size"]), epochs=t.epochs, optimizer=t.optimizer,
-                    weight_decay=t.weight_decay, select_metric=t.select_metric, patience=t.patience)
+                    weight_decay=t.weight_decay, select_metric=t.select_metric, patience=t.patience,
+                    precision=t.precision)
 
     def _class_weight(self, labels: np.ndarray) -> Optional[np.ndarray]:
         from raycyto.data.splits import class_weights
@@ -280,7 +281,12 @@ def cv_trainable(config: dict, ctx: TrialContext) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             done = {int(k): v for k, v in json.loads((Path(d) / FOLDS_FILE).read_text()).items()}
-    _event(ctx.exp_dir, trial_id, "start", restored_folds=sorted(done))
+    import ray
+
+    from raycyto.device import worker_device
+
+    _event(ctx.exp_dir, trial_id, "start", restored_folds=sorted(done), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+           device=worker_device())
     runner = FoldRunner(config, ctx)
     for split in ctx.splits:
         if split.fold in done:

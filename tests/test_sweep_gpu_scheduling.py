@@ -1,0 +1,55 @@
+"""GPU scheduling without a GPU: Ray is told it has one logical GPU, so Tune must place two
+trials of ``gpus_per_trial: 0.5`` on GPU 0 *at the same time* (fractional sharing), the
+feature actor must give the GPU back before they start, and each trial must see its GPU id
+and still train on the CPU because torch sees no CUDA device. On a GPU node the same code
+trains on ``cuda`` (``raycyto.device.worker_device``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+
+from raycyto.analysis.load import read_csv
+from raycyto.tune.trainable import read_events
+
+SCRIPT = textwrap.dedent("""
+    import sys, ray
+    from raycyto.config import load_config
+    from raycyto.tune.sweep import run_sweep
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    cfg = load_config({
+        "name": "gpu-sched",
+        "data": {"source": sys.argv[2], "positive_class": "abnormal", "image_size": 32, "input_size": 32},
+        "cv": {"folds": 2},
+        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a", "d"]},
+        "search": {"algorithm": "random", "samples": 1, "batch_size": [8]},
+        "train": {"epochs": 3},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0.5, "max_concurrent": 2},
+        "mc": {"passes": 5},
+    })
+    run_sweep(cfg, out=sys.argv[1], progress=False)
+""")
+
+
+def test_half_gpu_trials_share_one_gpu_concurrently_and_fall_back_to_cpu(karyo_dir, tmp_path):
+    exp = tmp_path / "exp"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(exp), str(karyo_dir)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = read_csv(exp / "results.csv")
+    assert list(results["status"]) == ["TERMINATED", "TERMINATED"]
+
+    spans = []
+    for tid in results["trial_id"]:
+        events = read_events(exp, tid)
+        start = next(e for e in events if e["event"] == "start")
+        assert start["gpu_ids"] == ["0"], start  # the one logical GPU, shared
+        assert start["device"] == "cpu"  # no CUDA device here: trains on the CPU
+        spans.append((start["time"], max(e["time"] for e in events)))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, f"the two half-GPU trials never overlapped: {spans}"
+    assert len(pd.read_parquet(exp / "predictions.parquet").query("split == 'test'")) == 2 * 20
