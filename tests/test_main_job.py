@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
+from conftest import free_port
 
 TINY = {
     "name": "tiny-main",
@@ -27,11 +27,6 @@ TINY = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_raycyto_run_makes_every_output_and_the_endpoint_answers(tmp_path):
     config = tmp_path / "tiny.yaml"
@@ -41,7 +36,7 @@ def test_raycyto_run_makes_every_output_and_the_endpoint_answers(tmp_path):
     env = {**os.environ, "RAYCYTO_NUM_CPUS": "2", "COLUMNS": "200"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([str(raycyto), "run", "--config", str(config), "--out", str(out),
-                           "--port", str(_free_port())], cwd=tmp_path, env=env,
+                           "--port", str(free_port())], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

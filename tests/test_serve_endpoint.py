@@ -16,17 +16,14 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
+from conftest import free_port  # noqa: E402
 from raycyto.data.fixtures import bomb_png  # noqa: E402  (after the httpx skip)
+
 ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "raycyto-test"
 TOKEN = "s3cret-token-for-tests"
 MAX_BODY = 2 * 1024 * 1024
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _encode(image: np.ndarray, ext: str) -> bytes:
@@ -68,7 +65,7 @@ def endpoint(ray_local, model_dir, tmp_path_factory):
 
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(model_dir=str(model_dir), auth_token_file=str(token_file), max_body_bytes=MAX_BODY,
                    backbone_num_cpus=0.5, mc_replicas=2, mc_num_cpus=0.25, ingress_num_cpus=0.1,
@@ -397,7 +394,7 @@ def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
 
     import yaml
 
-    port = _free_port()
+    port = free_port()
     doc["http_options"].update(host="127.0.0.1", port=port)
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(doc))
