@@ -7,7 +7,9 @@ pyarrow.fs, so a ``file://`` URI in the tests runs the same code as ``s3://`` on
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from raycyto.data.decode import is_uri
 
@@ -24,6 +26,13 @@ def path_exists(path: str) -> bool:
 
     fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_file(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
 
 
 def read_text(path: str) -> str:
@@ -43,3 +52,18 @@ def copy_tree(src: str, dst: str) -> None:
     if target:
         dst_fs.create_dir(target, recursive=True)  # local filesystems need it to exist
     pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+@contextmanager
+def local_copy(path: str) -> Iterator[Path]:
+    """``path`` itself when it is local; else a temporary local copy of it (same base name),
+    removed on exit."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raycyto-") as tmp:
+        local = Path(tmp) / path.rstrip("/").rsplit("/", 1)[-1]
+        copy_tree(path, str(local))
+        yield local

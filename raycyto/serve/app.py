@@ -234,23 +234,18 @@ def resolve_model_dir(model_dir: str) -> str:
     """
     from raycyto.data.decode import is_uri
     from raycyto.errors import ConfigError
-    from raycyto.storage import path_exists
+    from raycyto.storage import is_file
 
     chosen = os.environ.get(MODEL_DIR_ENV) or model_dir
-    if is_uri(chosen):
-        try:
-            found = path_exists(f"{chosen.rstrip('/')}/model.json")
-        except (OSError, ValueError) as exc:
-            raise ConfigError("model_dir", f"{chosen}: cannot read ({exc})") from None
-        if not found:
-            raise ConfigError("model_dir", f"{chosen} holds no model.json; export one with "
-                                           f"`raycyto export EXP_DIR --out {chosen}`")
-        return chosen.rstrip("/")
-    path = Path(chosen).expanduser().resolve()
-    if not (path / "model.json").is_file():
-        raise ConfigError("model_dir", f"{path} holds no model.json; export one with "
-                                       f"`raycyto export EXP_DIR --out {path}`")
-    return str(path)
+    where = chosen.rstrip("/") if is_uri(chosen) else str(Path(chosen).expanduser().resolve())
+    try:
+        found = is_file(f"{where}/model.json")
+    except (OSError, ValueError) as exc:  # unreachable bucket, no credentials
+        raise ConfigError("model_dir", f"{where}: cannot read ({exc})") from None
+    if not found:
+        raise ConfigError("model_dir", f"{where} holds no model.json; export one with "
+                                       f"`raycyto export EXP_DIR --out {where}`")
+    return where
 
 
 def build_app(args: AppArgs) -> Application:

@@ -97,24 +97,21 @@ class LoadedModel:
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
-        from raycyto.data.decode import is_uri
+        from contextlib import ExitStack
+
+        from raycyto.errors import ConfigError
         from raycyto.models.bundle import load_bundle
+        from raycyto.storage import local_copy
 
-        if is_uri(str(model_dir)):
-            import tempfile
-
-            from raycyto.storage import copy_tree
-
-            from raycyto.errors import ConfigError
-
-            local = Path(tempfile.mkdtemp(prefix="raycyto-model-")) / "model"
+        self.model_dir = str(model_dir)  # where the bundle came from: a folder or a URI
+        with ExitStack() as stack:
             try:
-                copy_tree(str(model_dir), str(local))
-            except (OSError, ValueError) as exc:
+                local = stack.enter_context(local_copy(self.model_dir))
+            except (OSError, ValueError) as exc:  # the copy from object storage failed
                 raise ConfigError("model_dir", f"cannot copy the bundle from {model_dir} ({exc})") from None
-            model_dir = local
-        self.model_dir = Path(model_dir)
-        model, meta = load_bundle(self.model_dir)
+            model, meta = load_bundle(local)
+            self.sha256: str = hashlib.sha256((local / "model.json").read_bytes()).hexdigest()
+            self.name: str = str(meta.get("name") or local.resolve().name)
         self.model = model.to(device).eval()
         self.meta = meta
         self.device = device
@@ -123,14 +120,12 @@ class LoadedModel:
         if self.scope not in SCOPES:
             from raycyto.errors import WeightsError
 
-            raise WeightsError(f"{self.model_dir / 'model.json'}: mc.scope {self.scope!r} unknown; "
+            raise WeightsError(f"{self.model_dir}/model.json: mc.scope {self.scope!r} unknown; "
                                f"expected one of {sorted(SCOPES)}")
         self.ops = SCOPES[self.scope]
         self.default_passes: int = int(mc.get("passes", 100))
         self.default_threshold: float = float(mc.get("threshold", 0.8))
         self.class_names: list[str] = list(meta["class_names"])
-        self.name: str = str(meta.get("name") or self.model_dir.resolve().name)
-        self.sha256: str = hashlib.sha256((self.model_dir / "model.json").read_bytes()).hexdigest()
 
     @property
     def info(self) -> dict[str, str]:
