@@ -20,6 +20,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_sweep_config(source: str | Path, name: str, size: int = 64, samples: int = 1, **sections) -> dict:
+    """The smallest real sweep config: frozen efficientnet_lite0 + head a, 2 folds, 1 epoch,
+    random search with batch 8, one trial at a time, 5 MC passes; ``sections`` replace whole
+    top-level sections (``grid={...}``, ``storage="file://..."``)."""
+    return {
+        "name": name,
+        "data": {"source": str(source), "positive_class": "abnormal", "image_size": size, "input_size": size},
+        "cv": {"folds": 2},
+        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a"]},
+        "search": {"algorithm": "random", "samples": samples, "batch_size": [8]},
+        "train": {"epochs": 1},
+        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
+        "mc": {"passes": 5},
+        **sections,
+    }
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """2 shared cores: one intra-op torch thread in the test process avoids oversubscription

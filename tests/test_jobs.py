@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, tiny_sweep_config
 
 from raycyto.analysis.load import read_csv
 
@@ -50,16 +50,7 @@ def _stop_head(temp_dir: str) -> None:
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_path):
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "job",
-        "data": {"source": str(karyo_dir), "positive_class": "abnormal", "image_size": 64, "input_size": 64},
-        "cv": {"folds": 2},
-        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a"]},
-        "search": {"algorithm": "random", "samples": 1, "batch_size": [8]},
-        "train": {"epochs": 1},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
-        "mc": {"passes": 5},
-    }))
+    config.write_text(yaml.safe_dump(tiny_sweep_config(karyo_dir, "job")))
     out = tmp_path / "exp"
     temp_dir = tempfile.mkdtemp(prefix="rcj", dir="/tmp")  # short: Ray's socket paths are length-limited
     gcs, dash = free_port(), free_port()

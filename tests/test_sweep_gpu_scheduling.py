@@ -6,38 +6,33 @@ trains on ``cuda`` (``raycyto.device.worker_device``)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 
 import pandas as pd
+from conftest import tiny_sweep_config
 
 from raycyto.analysis.load import read_csv
 from raycyto.tune.trainable import read_events
 
 SCRIPT = textwrap.dedent("""
-    import sys, ray
+    import json, sys, ray
     from raycyto.config import load_config
     from raycyto.tune.sweep import run_sweep
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    cfg = load_config({
-        "name": "gpu-sched",
-        "data": {"source": sys.argv[2], "positive_class": "abnormal", "image_size": 32, "input_size": 32},
-        "cv": {"folds": 2},
-        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a", "d"]},
-        "search": {"algorithm": "random", "samples": 1, "batch_size": [8]},
-        "train": {"epochs": 3},
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0.5, "max_concurrent": 2},
-        "mc": {"passes": 5},
-    })
-    run_sweep(cfg, out=sys.argv[1], progress=False)
+    run_sweep(load_config(json.loads(sys.argv[2])), out=sys.argv[1], progress=False)
 """)
 
 
 def test_half_gpu_trials_share_one_gpu_concurrently_and_fall_back_to_cpu(karyo_dir, tmp_path):
     exp = tmp_path / "exp"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(exp), str(karyo_dir)], capture_output=True,
+    config = tiny_sweep_config(karyo_dir, "gpu-sched", size=32, train={"epochs": 3},
+                               grid={"backbones": ["efficientnet_lite0"], "heads": ["a", "d"]},
+                               resources={"cpus_per_trial": 1, "gpus_per_trial": 0.5, "max_concurrent": 2})
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(exp), json.dumps(config)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = read_csv(exp / "results.csv")

@@ -8,30 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_sweep_config
 
+from raycyto.analysis.load import read_csv
 from raycyto.tune.search import read_search_log
 from raycyto.tune.trainable import read_events
-from raycyto.analysis.load import read_csv
 
 SAMPLES = 3
-
-
-def _tiny_config(karyo_dir: Path) -> dict:
-    return {
-        "name": "resume",
-        "data": {"source": str(karyo_dir), "positive_class": "abnormal", "image_size": 64, "input_size": 64},
-        "cv": {"folds": 2},
-        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a"]},
-        "search": {"algorithm": "random", "samples": SAMPLES, "batch_size": [8]},
-        "train": {"epochs": 1},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
-        "mc": {"passes": 5},
-    }
 
 
 @pytest.mark.slow
@@ -39,7 +26,7 @@ def test_resume_after_sigint_reruns_no_finished_trial(ray_local, karyo_dir, tmp_
     from raycyto.tune.sweep import resume_sweep
 
     config = tmp_path / "resume.yaml"
-    config.write_text(yaml.safe_dump(_tiny_config(karyo_dir)))
+    config.write_text(yaml.safe_dump(tiny_sweep_config(karyo_dir, "resume", samples=SAMPLES)))
     exp = tmp_path / "exp"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     proc = subprocess.Popen([sys.executable, "-m", "raycyto.cli", "sweep", "--config", str(config),

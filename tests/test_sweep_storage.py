@@ -9,22 +9,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import tiny_sweep_config
 
 from raycyto.analysis.load import read_csv
-
-
-def _config(karyo_dir, storage: str) -> dict:
-    return {
-        "name": "bucket",
-        "data": {"source": str(karyo_dir), "positive_class": "abnormal", "image_size": 32, "input_size": 32},
-        "cv": {"folds": 2},
-        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["a"]},
-        "search": {"algorithm": "random", "samples": 1, "batch_size": [8]},
-        "train": {"epochs": 1},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
-        "mc": {"passes": 5},
-        "storage": storage,
-    }
 
 
 def test_sweep_with_uri_storage_publishes_fold_files_there_and_collects_them(ray_local, karyo_dir, tmp_path):
@@ -33,7 +20,7 @@ def test_sweep_with_uri_storage_publishes_fold_files_there_and_collects_them(ray
     from raycyto.tune.sweep import resume_sweep, run_sweep
 
     bucket = tmp_path / "bucket"
-    cfg = load_config(_config(karyo_dir, bucket.as_uri()))
+    cfg = load_config(tiny_sweep_config(karyo_dir, "bucket", size=32, storage=bucket.as_uri()))
     exp = run_sweep(cfg, out=tmp_path / "exp", progress=False)
 
     remote = bucket / "exp"
