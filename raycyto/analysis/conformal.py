@@ -1,0 +1,364 @@
+"""Split-conformal prediction sets (LAC and APS), calibrated on validation predictions only.
+
+A prediction set is the list of classes the model cannot rule out at a stated level: with
+calibration and test cases exchangeable, the set holds the true class for at least
+``level`` of the cases (Vovk et al. 2005; Angelopoulos & Bates 2021, "A gentle
+introduction to conformal prediction").
+
+Scores (a larger score = a less plausible label), for probabilities ``p`` ``[C]``:
+
+- ``lac`` (least ambiguous set-valued classifier, Sadinle et al. 2019): ``s(x, y) = 1 - p_y``;
+  the set is ``{k : 1 - p_k <= q_k}``. Smallest sets on average.
+- ``aps`` (adaptive prediction sets, Romano et al. 2020): ``s(x, y) = above_y + (1 - u) p_y``
+  with ``above_y`` the probability mass of the classes more probable than ``y`` and ``u``
+  uniform on [0, 1] (drawn once per calibration case from ``seed``); the set is
+  ``{k : above_k <= q_k}``, i.e. classes in decreasing probability up to and including
+  the one whose cumulative mass reaches ``q``. Randomising the calibration score and
+  including that last class at prediction time is MAPIE 1.x's ``aps`` with
+  ``include_last_label=True``; prediction stays deterministic. Sets are never empty.
+
+The threshold ``q`` is the ``ceil((n + 1) * level)``-th smallest calibration score (the
+split-conformal order statistic, as ``mapie.utils._compute_classification_quantile``);
+when ``ceil((n + 1) * level) > n`` it is infinite: too few calibration cases for that
+level, every class is in the set. With ``mondrian=True`` each class k gets its own
+threshold from the calibration cases of class k, so coverage holds for each class
+separately (e.g. the abnormal class), not only on average.
+
+Why not MAPIE's ``SplitConformalClassifier`` itself: it wants an sklearn estimator (we hold
+probability arrays, so it would need a dummy estimator), keeps its thresholds in private
+attributes, has no class-conditional mode in 1.x, and a fitted object is a pickle, not
+the plain JSON a model bundle stores and Serve applies to one image. The few lines below
+follow the same definitions; ``tests/test_analysis_conformal.py`` checks them against MAPIE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from raycyto.errors import RaycytoError
+
+SCORES = ("lac", "aps")
+DEFAULT_LEVELS = (0.90, 0.95)
+
+
+def _check_probs(probs: np.ndarray) -> np.ndarray:
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise RaycytoError(f"probabilities must be [N, C] with C >= 2; got shape {p.shape}")
+    return p
+
+
+def _check_levels(levels: Iterable[float]) -> tuple[float, ...]:
+    out = tuple(float(v) for v in levels)
+    bad = [v for v in out if not 0 < v < 1]
+    if not out or bad:
+        raise RaycytoError(f"conformal levels must be in (0, 1), e.g. 0.9; got {list(out)}")
+    return out
+
+
+def _check_scores(scores: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(scores)
+    bad = [s for s in out if s not in SCORES]
+    if not out or bad:
+        raise RaycytoError(f"conformal score {bad or out} unknown; choose from {list(SCORES)}")
+    return out
+
+
+def mass_above(probs: np.ndarray) -> np.ndarray:
+    """Probability mass of the strictly more probable classes, per class.
+
+    Args:
+        probs: [N, C].
+
+    Returns:
+        [N, C]: ``above[i, k] = sum_j p[i, j] for p[i, j] > p[i, k]`` (ties do not count).
+    """
+    p = _check_probs(probs)
+    order = np.argsort(-p, axis=1, kind="stable")            # [N, C] descending
+    sorted_p = np.take_along_axis(p, order, axis=1)           # [N, C]
+    before = np.cumsum(sorted_p, axis=1) - sorted_p           # mass of earlier positions
+    # tied classes share the mass before the first of them
+    first = np.maximum.accumulate(
+        np.where(np.diff(sorted_p, axis=1, prepend=np.inf) != 0,
+                 np.arange(p.shape[1])[None, :], 0), axis=1)  # [N, C] start of each tie run
+    before = np.take_along_axis(before, first, axis=1)
+    above = np.empty_like(p)
+    np.put_along_axis(above, order, before, axis=1)
+    return above
+
+
+def conformity_scores(probs: np.ndarray, labels: np.ndarray, score: str,
+                      u: np.ndarray | None = None) -> np.ndarray:
+    """Calibration scores of the true labels (larger = less conforming).
+
+    Args:
+        probs: [N, C]; labels: [N] ints.
+        score: ``"lac"`` or ``"aps"``.
+        u: [N] uniforms for ``aps`` (zeros = the non-randomised score).
+
+    Returns:
+        [N] scores.
+    """
+    p = _check_probs(probs)
+    y = np.asarray(labels, dtype=int)
+    rows = np.arange(len(y))
+    if score == "lac":
+        return 1.0 - p[rows, y]
+    if score == "aps":
+        u = np.zeros(len(y)) if u is None else np.asarray(u, dtype=float)
+        return mass_above(p)[rows, y] + (1.0 - u) * p[rows, y]
+    raise RaycytoError(f"conformal score {score!r} unknown; choose from {list(SCORES)}")
+
+
+def inclusion_statistic(probs: np.ndarray, score: str) -> np.ndarray:
+    """The per-class statistic compared with the threshold: class k is in the set when
+    ``stat[:, k] <= q_k``.
+
+    Args:
+        probs: [N, C].
+
+    Returns:
+        [N, C]: ``1 - p`` for ``lac``, the mass above each class for ``aps``.
+    """
+    p = _check_probs(probs)
+    if score == "lac":
+        return 1.0 - p
+    if score == "aps":
+        return mass_above(p)
+    raise RaycytoError(f"conformal score {score!r} unknown; choose from {list(SCORES)}")
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The split-conformal threshold: the ``ceil((n + 1) * level)``-th smallest score.
+
+    Args:
+        scores: [n] calibration scores.
+        level: target coverage in (0, 1).
+
+    Returns:
+        The threshold; ``inf`` when ``ceil((n + 1) * level) > n`` (too few cases).
+    """
+    s = np.sort(np.asarray(scores, dtype=float))
+    n = len(s)
+    k = math.ceil((n + 1) * level - 1e-9)   # guard 0.9 * 10 == 9.000000000000002
+    return float(s[k - 1]) if 1 <= k <= n else math.inf
+
+
+def _level_key(level: float) -> str:
+    return f"{float(level):g}"
+
+
+@dataclass(frozen=True)
+class ConformalCalibration:
+    """Thresholds of a calibrated split-conformal predictor; plain JSON via :meth:`to_json`.
+
+    Attributes:
+        num_classes: C.
+        levels: calibrated coverage levels.
+        scores: calibrated scores (``lac``, ``aps``).
+        mondrian: one threshold per class (class-conditional coverage) when true.
+        thresholds: ``{score: {level key: [C] thresholds}}``; all C equal unless mondrian;
+            ``inf`` = too few calibration cases (that class is always in the set).
+        n_calibration: calibration cases.
+        class_counts: [C] calibration cases per class.
+        seed: seed of the APS uniforms.
+    """
+
+    num_classes: int
+    levels: tuple[float, ...]
+    scores: tuple[str, ...]
+    mondrian: bool
+    thresholds: dict[str, dict[str, list[float]]]
+    n_calibration: int
+    class_counts: list[int]
+    seed: int = 0
+    source: str = field(default="", compare=False)
+
+    def threshold(self, score: str, level: float) -> np.ndarray:
+        """[C] thresholds for ``score`` at ``level``.
+
+        Raises:
+            RaycytoError: score or level not calibrated.
+        """
+        if score not in self.thresholds:
+            raise RaycytoError(f"conformal score {score!r} not calibrated; have {list(self.scores)}")
+        by_level = self.thresholds[score]
+        key = _level_key(level)
+        if key not in by_level:
+            raise RaycytoError(f"conformal level {level} not calibrated; have {list(self.levels)}")
+        return np.asarray(by_level[key], dtype=float)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON: thresholds as lists of floats, ``None`` for infinite ones."""
+        return {
+            "method": "split_conformal", "version": 1,
+            "num_classes": self.num_classes, "levels": list(self.levels),
+            "scores": list(self.scores), "mondrian": self.mondrian,
+            "thresholds": {s: {k: [None if math.isinf(t) else float(t) for t in ts]
+                               for k, ts in by_level.items()}
+                           for s, by_level in self.thresholds.items()},
+            "n_calibration": self.n_calibration, "class_counts": list(self.class_counts),
+            "seed": self.seed, "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ConformalCalibration":
+        """Inverse of :meth:`to_json` (a model.json entry)."""
+        if doc.get("method") != "split_conformal":
+            raise RaycytoError(f"not a split-conformal calibration: method={doc.get('method')!r}")
+        return cls(
+            num_classes=int(doc["num_classes"]), levels=tuple(float(v) for v in doc["levels"]),
+            scores=tuple(doc["scores"]), mondrian=bool(doc["mondrian"]),
+            thresholds={s: {k: [math.inf if t is None else float(t) for t in ts]
+                            for k, ts in by_level.items()}
+                        for s, by_level in doc["thresholds"].items()},
+            n_calibration=int(doc["n_calibration"]), class_counts=list(doc["class_counts"]),
+            seed=int(doc.get("seed", 0)), source=str(doc.get("source", "")))
+
+
+def calibrate_conformal(probs: np.ndarray, labels: np.ndarray,
+                        levels: Sequence[float] = DEFAULT_LEVELS,
+                        scores: Sequence[str] = SCORES, mondrian: bool = False,
+                        seed: int = 0, source: str = "") -> ConformalCalibration:
+    """Calibrate split-conformal thresholds on held-out (validation) predictions.
+
+    Args:
+        probs: [N, C] class probabilities of the calibration cases.
+        labels: [N] true classes.
+        levels: coverage levels, e.g. (0.9, 0.95).
+        scores: among ``SCORES``.
+        mondrian: per-class thresholds (class-conditional coverage).
+        seed: seed of the APS uniforms (one per calibration case).
+        source: free text recorded with the thresholds (e.g. which probabilities).
+
+    Returns:
+        ConformalCalibration.
+    """
+    p = _check_probs(probs)
+    y = np.asarray(labels, dtype=int)
+    c = p.shape[1]
+    if len(y) != len(p) or (len(y) and (y.min() < 0 or y.max() >= c)):
+        raise RaycytoError(f"labels must be [N] ints in 0..{c - 1} for {len(p)} rows")
+    levels, scores = _check_levels(levels), _check_scores(scores)
+    u = np.random.RandomState(seed).uniform(size=len(y))   # MAPIE draws the same way
+    thresholds: dict[str, dict[str, list[float]]] = {}
+    for score in scores:
+        s = conformity_scores(p, y, score, u if score == "aps" else None)   # [N]
+        thresholds[score] = {}
+        for level in levels:
+            if mondrian:
+                ts = [conformal_quantile(s[y == k], level) for k in range(c)]
+            else:
+                ts = [conformal_quantile(s, level)] * c
+            thresholds[score][_level_key(level)] = ts
+    return ConformalCalibration(c, levels, scores, mondrian, thresholds, len(y),
+                                np.bincount(y, minlength=c).tolist(), seed, source)
+
+
+def prediction_sets(probs: np.ndarray, calibration: ConformalCalibration, score: str = "lac",
+                    level: float = 0.9) -> np.ndarray:
+    """Prediction sets as a membership mask.
+
+    Args:
+        probs: [N, C] probabilities (the same kind the calibration used).
+        calibration: from :func:`calibrate_conformal` (or ``from_json``).
+        score, level: which calibrated threshold to apply.
+
+    Returns:
+        [N, C] bool, True where the class is in the set.
+    """
+    p = _check_probs(probs)
+    if p.shape[1] != calibration.num_classes:
+        raise RaycytoError(f"probabilities have {p.shape[1]} classes, the calibration "
+                           f"{calibration.num_classes}")
+    q = calibration.threshold(score, level)                   # [C]
+    return inclusion_statistic(p, score) <= q[None, :]
+
+
+def prediction_set(probs: Sequence[float], calibration: ConformalCalibration,
+                   score: str = "lac", level: float = 0.9) -> list[int]:
+    """The prediction set of one image (what Serve returns).
+
+    Args:
+        probs: [C] probabilities of one image.
+
+    Returns:
+        Class indices in the set, most probable first.
+    """
+    p = np.asarray(probs, dtype=np.float64)[None, :]
+    member = prediction_sets(p, calibration, score, level)[0]
+    return [int(k) for k in np.argsort(-p[0], kind="stable") if member[k]]
+
+
+def set_metrics(sets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Coverage and size of prediction sets.
+
+    Args:
+        sets: [N, C] bool membership; labels: [N].
+
+    Returns:
+        coverage, set_size_mean, singleton_rate, empty_rate, n, and ``coverage_class<k>``
+        (coverage among the cases of class k; NaN when absent).
+    """
+    sets = np.asarray(sets, dtype=bool)
+    y = np.asarray(labels, dtype=int)
+    n = len(y)
+    if n == 0:
+        nan = float("nan")
+        return {"coverage": nan, "set_size_mean": nan, "singleton_rate": nan, "empty_rate": nan,
+                "n": 0, **{f"coverage_class{k}": nan for k in range(sets.shape[1])}}
+    covered = sets[np.arange(n), y]
+    size = sets.sum(axis=1)
+    out = {"coverage": float(covered.mean()), "set_size_mean": float(size.mean()),
+           "singleton_rate": float(np.mean(size == 1)), "empty_rate": float(np.mean(size == 0)),
+           "n": n}
+    for k in range(sets.shape[1]):
+        out[f"coverage_class{k}"] = float(covered[y == k].mean()) if (y == k).any() else float("nan")
+    return out
+
+
+def conformal_folds(predictions: pd.DataFrame, prob_columns: Sequence[str],
+                    levels: Sequence[float] = DEFAULT_LEVELS, scores: Sequence[str] = SCORES,
+                    mondrian: bool = False, by: Sequence[str] = ("trial_id", "fold"),
+                    seed: int = 0) -> pd.DataFrame:
+    """Calibrate on each group's validation rows, measure the sets on its test rows.
+
+    Only rows with ``split == "val"`` reach :func:`calibrate_conformal`; test rows are
+    read only to measure coverage afterwards.
+
+    Args:
+        predictions: predictions.parquet rows: ``by`` columns, split, label, prob columns.
+        prob_columns: the C probability columns, in class order (``prob_*`` or ``mc_mean_*``).
+        levels, scores, mondrian, seed: as :func:`calibrate_conformal`.
+        by: one calibration per group (a trial's fold: one trained model).
+
+    Returns:
+        One row per (group, score, level): the ``by`` columns, score, level, n_calibration,
+        threshold (class 0's; all classes' with mondrian in ``thresholds``), coverage,
+        set_size_mean, singleton_rate, empty_rate, n (test cases), coverage_class<k>.
+    """
+    cols = list(prob_columns)
+    rows = []
+    for key, g in predictions.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        val, test = g[g["split"] == "val"], g[g["split"] == "test"]
+        if val.empty:
+            continue
+        cal = calibrate_conformal(val[cols].to_numpy(dtype=float), val["label"].to_numpy(),
+                                  levels, scores, mondrian, seed)
+        p_test = test[cols].to_numpy(dtype=float).reshape(len(test), len(cols))
+        for score in cal.scores:
+            for level in cal.levels:
+                q = cal.threshold(score, level)
+                sets = prediction_sets(p_test, cal, score, level) if len(test) else \
+                    np.zeros((0, len(cols)), bool)
+                rows.append({**dict(zip(by, key)), "score": score, "level": level,
+                             "n_calibration": cal.n_calibration, "threshold": float(q[0]),
+                             "thresholds": [float(t) for t in q],
+                             **set_metrics(sets, test["label"].to_numpy())})
+    return pd.DataFrame(rows)
