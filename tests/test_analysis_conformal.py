@@ -224,3 +224,25 @@ def test_agrees_with_mapie_split_conformal_classifier(score):
 
         cum, _ = APSConformityScore().get_true_label_cumsum_proba(y[:400], p[:400], np.arange(4))
         np.testing.assert_allclose(conformity_scores(p[:400], y[:400], "aps"), np.ravel(cum))
+
+
+def test_conformal_summary_has_the_conformal_csv_columns():
+    from raycyto.analysis.conformal import conformal_summary
+
+    rng = np.random.default_rng(8)
+    rows = []
+    for fold in range(3):
+        for split, n in (("val", 100), ("test", 100)):
+            p, y = synthetic(rng, n, c=2)
+            rows.append(pd.DataFrame({"trial_id": "00000001", "fold": fold, "split": split,
+                                      "label": y, "prob_n": p[:, 0], "prob_a": p[:, 1]}))
+    folds = conformal_folds(pd.concat(rows, ignore_index=True), ["prob_n", "prob_a"])
+    s = conformal_summary(folds)
+    assert {"trial_id", "level", "score", "coverage_mean", "coverage_std", "set_size_mean",
+            "singleton_rate", "coverage_class1_mean", "folds"} <= set(s.columns)
+    assert len(s) == 4 and (s["folds"] == 3).all()
+    one = folds[(folds["score"] == "lac") & (folds["level"] == 0.9)]
+    row = s[(s["score"] == "lac") & (s["level"] == 0.9)].iloc[0]
+    assert row["coverage_mean"] == pytest.approx(one["coverage"].mean())
+    assert row["coverage_std"] == pytest.approx(one["coverage"].std())
+    assert conformal_summary(folds.iloc[:0]).empty

@@ -362,3 +362,30 @@ def conformal_folds(predictions: pd.DataFrame, prob_columns: Sequence[str],
                              "thresholds": [float(t) for t in q],
                              **set_metrics(sets, test["label"].to_numpy())})
     return pd.DataFrame(rows)
+
+
+def conformal_summary(folds: pd.DataFrame, by: Sequence[str] = ("trial_id",)) -> pd.DataFrame:
+    """Fold means of :func:`conformal_folds` per (``by``, score, level): the conformal.csv shape.
+
+    Args:
+        folds: output of :func:`conformal_folds`.
+        by: grouping columns besides score and level (e.g. trial_id, or config after a merge).
+
+    Returns:
+        ``by`` columns, level, score, coverage_mean, coverage_std (sample std over folds),
+        set_size_mean, singleton_rate, empty_rate, coverage_class<k>_mean, folds.
+    """
+    keys = [*by, "level", "score"]
+    class_cols = sorted(c for c in folds.columns if c.startswith("coverage_class"))
+    if folds.empty:
+        return pd.DataFrame(columns=[*keys, "coverage_mean", "coverage_std", "set_size_mean",
+                                     "singleton_rate", "empty_rate",
+                                     *[f"{c}_mean" for c in class_cols], "folds"])
+    g = folds.groupby(keys, sort=True)
+    out = g.agg(coverage_mean=("coverage", "mean"), coverage_std=("coverage", "std"),
+                set_size_mean=("set_size_mean", "mean"), singleton_rate=("singleton_rate", "mean"),
+                empty_rate=("empty_rate", "mean"), folds=("coverage", "size"))
+    for c in class_cols:
+        out[f"{c}_mean"] = g[c].mean()
+    cols = [c for c in out.columns if c != "folds"] + ["folds"]
+    return out[cols].reset_index()
