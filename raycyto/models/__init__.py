@@ -16,7 +16,7 @@ _EXPORTS = {
     "heads": ("HEADS", "build_head", "MLPHead", "SVMHead", "StudyAHead"),
     "finetune": ("FINETUNE_MODES", "trainable_groups", "apply_finetune"),
     "classifier": ("Classifier", "build_classifier"),
-    "mc": ("MCDropout", "mc_mode", "mc_predict", "mc_head_predict", "summarize"),
+    "mc": ("MCDropout", "mc_mode", "mc_predict", "mc_head_predict", "summarize", "has_mc_dropout"),
     "bundle": ("save_bundle", "load_bundle"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}

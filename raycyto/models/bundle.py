@@ -2,7 +2,9 @@
 
 Layout of a bundle directory::
 
-    model.json     build arguments, preprocessing, MC settings, files {name: sha256}, + meta
+    model.json     build arguments, preprocessing (``preprocess``: the
+                   :class:`~raycyto.models.preprocessing.Preprocess` contract), MC settings,
+                   files {name: sha256}, + meta
     head.pt        head state dict
     backbone.pt    backbone state dict -- only when it cannot be rebuilt from the registry:
                    fine-tuned backbones, or random (pretrained=False) ones
@@ -21,6 +23,7 @@ import torch
 
 from raycyto.errors import WeightsError
 from raycyto.models.classifier import Classifier, build_classifier
+from raycyto.models.preprocessing import Preprocess
 from raycyto.models.weights import sha256_file
 
 MODEL_JSON = "model.json"
@@ -57,14 +60,16 @@ def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None) -> P
         digests[name] = sha256_file(out / name)
     spec = model.spec
     c = cfg["num_classes"]
+    pre = Preprocess.from_bundle(meta, spec)
     doc = {
         **meta,
         **{k: cfg[k] for k in ("backbone", "finetune", "head", "head_kwargs", "num_classes",
                                "pretrained", "backbone_dropout")},
         "class_names": list(meta.get("class_names", [str(i) for i in range(c)])),
         "positive_class": meta.get("positive_class"),
-        "input_size": int(meta.get("input_size", spec.input_size)),
-        "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
+        "preprocess": pre.to_dict(),
+        "image_size": pre.image_size, "input_size": pre.input_size,
+        "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
         "mc": {**_MC_DEFAULT, **meta.get("mc", {})},
         "backbone_weights": (None if _backbone_saved(cfg)
                              else {"file": spec.weights.filename, "sha256": spec.weights.sha256}),
@@ -74,6 +79,14 @@ def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None) -> P
         raise WeightsError(f"meta class_names has {len(doc['class_names'])} names for {c} classes")
     (out / MODEL_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
     return out / MODEL_JSON
+
+
+def find_bundle_dir(path: str | Path) -> Path:
+    """A bundle folder, or a main-job folder (``runs/demo``) holding one in ``model/``."""
+    p = Path(path)
+    if not (p / MODEL_JSON).is_file() and (p / "model" / MODEL_JSON).is_file():
+        return p / "model"
+    return p
 
 
 def _load_state(path: Path, expected: str) -> dict:

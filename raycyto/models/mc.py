@@ -1,15 +1,23 @@
 """Monte-Carlo dropout: exact, seeded, and cheap when dropout lives only in the head.
 
 :class:`MCDropout` behaves like ``nn.Dropout`` while training. In ``eval()`` it is the
-identity unless MC mode is switched on with :func:`mc_mode`, in which case it samples
-masks from a seeded ``torch.Generator``. The model itself stays in ``eval()`` the whole
-time (baal's approach), so batch-norm running statistics are used, never updated.
+identity unless MC mode is switched on with :func:`mc_mode`, in which case it applies
+seeded masks. The model itself stays in ``eval()`` the whole time (baal's approach), so
+batch-norm running statistics are used, never updated.
+
+**One mask per pass.** Pass ``t`` of a request seeded ``s`` draws its masks from its own
+generator, seeded from ``(s, t)``, and the same pass mask is applied to every image of a
+batch. So the probabilities of pass ``t`` depend only on (seed, t, the image): never on
+how the T passes are chunked, on which replica runs them, or on which other images share
+the batch. Inside :func:`mc_mode` an MCDropout layer sees inputs whose leading dimension
+is ``N * T`` rows, image-major (``[n0 t0, n0 t1, ..., n1 t0, ...]``), and multiplies the
+view ``[N, T, ...]`` with masks ``[T, ...]``.
 
 ``scope="head"``: the backbone runs once (deterministically) and the T passes run on the
-features in one vectorised call: features ``[N, D]`` are repeated to ``[N*T, D]``, so every
-(image, pass) row gets its own independent mask -- exactly T independent MC passes per
-image. Dropout placed inside the backbone (``backbone_dropout``) is *not* sampled in this
-scope; use ``scope="full"``, where every pass runs the whole network, for that.
+features in one vectorised call (features ``[N, D]`` repeated to ``[N*T, D]``).
+Dropout placed inside the backbone (``backbone_dropout``) is *not* sampled in this
+scope; use ``scope="full"``, where every pass runs the whole network, for that. Without
+backbone dropout the two scopes give identical passes.
 """
 
 from __future__ import annotations
@@ -27,28 +35,44 @@ if TYPE_CHECKING:  # pragma: no cover
 SCOPES = ("head", "full")
 
 
+def pass_seed(seed: int, t: int) -> int:
+    """The generator seed of MC pass ``t`` of a request seeded ``seed`` (31-bit)."""
+    return int(np.random.SeedSequence([int(seed), int(t)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 class MCDropout(nn.Dropout):
-    """Dropout that can stay on in ``eval()`` (MC mode), with seeded masks.
+    """Dropout that can stay on in ``eval()`` (MC mode), with one seeded mask per pass.
 
     Attributes:
-        mc: True while inside :func:`mc_mode`.
-        generator: the ``torch.Generator`` masks are drawn from in MC mode.
+        generators: one ``torch.Generator`` per MC pass while inside :func:`mc_mode`
+            (shared by every MCDropout of the model, drawn from in layer order), else None.
     """
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__(p=p)
-        self.mc = False
-        self.generator: torch.Generator | None = None
+        self.generators: list[torch.Generator] | None = None
+
+    @property
+    def mc(self) -> bool:
+        """True while inside :func:`mc_mode`."""
+        return self.generators is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             return super().forward(x)
         if not self.mc or self.p == 0.0:
             return x
-        if self.p >= 1.0:
-            return torch.zeros_like(x)
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
-        return x * keep / (1.0 - self.p)
+        gens = self.generators
+        t = len(gens)
+        if x.shape[0] % t:
+            from raycyto.errors import RaycytoError
+
+            raise RaycytoError(f"MC mode with {t} passes needs N*T leading rows, got shape {tuple(x.shape)}")
+        rest = x.shape[1:]
+        masks = torch.stack([torch.empty(rest, dtype=x.dtype).bernoulli_(1.0 - self.p, generator=g)
+                             for g in gens]).to(x.device)  # [T, ...]
+        out = x.view(x.shape[0] // t, t, *rest) * masks / (1.0 - self.p)  # [N, T, ...]
+        return out.view(x.shape)
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         """Forward pre-hook: apply this dropout to ``module``'s first input."""
@@ -60,26 +84,31 @@ def mc_dropouts(model: nn.Module) -> list[MCDropout]:
     return [m for m in model.modules() if isinstance(m, MCDropout)]
 
 
+def has_mc_dropout(model: nn.Module) -> bool:
+    """Whether MC passes of ``model`` can differ (some MCDropout with p > 0)."""
+    return any(d.p > 0 for d in mc_dropouts(model))
+
+
 @contextlib.contextmanager
-def mc_mode(model: nn.Module, seed: int = 0) -> Iterator[torch.Generator]:
-    """Switch ``model``'s MC dropouts on (seeded) without touching train/eval state.
+def mc_mode(model: nn.Module, seed: int = 0, passes: int = 1, first: int = 0) -> Iterator[None]:
+    """Switch ``model``'s MC dropouts on for passes ``first .. first + passes - 1``.
 
     Args:
-        model: any module holding :class:`MCDropout` layers.
-        seed: seed for the one generator shared by all of them (passes are reproducible).
-    Yields:
-        the generator.
+        model: any module holding :class:`MCDropout` layers (train/eval state untouched).
+        seed: request seed; pass ``t`` draws from a generator seeded ``pass_seed(seed, t)``.
+        passes: T, the number of passes in each forward call (inputs carry ``N * T`` rows).
+        first: index of the first pass (chunks of one request continue the numbering).
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    gens = [torch.Generator().manual_seed(pass_seed(seed, t)) for t in range(first, first + int(passes))]
     drops = mc_dropouts(model)
-    saved = [(d.mc, d.generator) for d in drops]
+    saved = [d.generators for d in drops]
     for d in drops:
-        d.mc, d.generator = True, gen
+        d.generators = gens
     try:
-        yield gen
+        yield
     finally:
-        for d, (mc, g) in zip(drops, saved):
-            d.mc, d.generator = mc, g
+        for d, g in zip(drops, saved):
+            d.generators = g
 
 
 @contextlib.contextmanager
@@ -104,41 +133,45 @@ def _check(passes: int, scope: str = "head") -> None:
 
 
 @torch.no_grad()
-def _head_passes(head_fn, features: Tensor, passes: int, chunk_rows: int) -> Tensor:
-    """Vectorised MC passes of ``head_fn`` on ``features [N, D]`` -> probs ``[N, T, C]``."""
+def _head_passes(model: nn.Module, head_fn, features: Tensor, passes: int, seed: int, first: int,
+                 chunk_rows: int) -> Tensor:
+    """Vectorised MC passes of ``head_fn`` on ``features [N, ...]`` -> probs ``[N, T, C]``."""
     n = features.shape[0]
     per = max(1, chunk_rows // passes)  # images per chunk so one call holds <= chunk_rows rows
     out = []
     for i in range(0, n, per):
         f = features[i:i + per]
-        rep = f.repeat_interleave(passes, dim=0)  # [n*T, D], image-major
-        logits = head_fn(rep)  # [n*T, C]
+        rep = f.repeat_interleave(passes, dim=0)  # [n*T, ...], image-major
+        with mc_mode(model, seed, passes, first):  # same pass masks for every chunk
+            logits = head_fn(rep)  # [n*T, C]
         out.append(logits.softmax(-1).view(f.shape[0], passes, -1))  # [n, T, C]
     return torch.cat(out, 0)
 
 
 def mc_head_predict(head: nn.Module, features: Tensor, passes: int, seed: int = 0,
-                    chunk_rows: int = 65536) -> np.ndarray:
+                    chunk_rows: int = 65536, first: int = 0) -> np.ndarray:
     """MC dropout on a head alone.
 
     Args:
-        head: module ``[N, D] -> logits [N, C]`` with :class:`MCDropout` layers.
-        features: ``[N, D]`` backbone features.
+        head: module ``[N, ...] -> logits [N, C]`` with :class:`MCDropout` layers.
+        features: ``[N, D]`` backbone features (or ``[N, C, H, W]`` maps for spatial heads).
         passes: T.
-        seed: generator seed.
-        chunk_rows: at most this many ``[row, D]`` rows per head call (memory bound).
+        seed: request seed (see :func:`pass_seed`).
+        chunk_rows: at most this many rows per head call (memory bound; results do not
+            depend on it).
+        first: index of the first pass.
     Returns:
         probs ``[N, T, C]`` float32.
     """
     _check(passes)
-    with _eval(head), mc_mode(head, seed):
-        return _head_passes(head, features, int(passes), chunk_rows).numpy()
+    with _eval(head):
+        return _head_passes(head, head, features, int(passes), seed, first, chunk_rows).numpy()
 
 
 @torch.no_grad()
 def mc_predict(model: "Classifier | nn.Module", x: Tensor, passes: int, scope: str = "head",
                seed: int = 0, features: Tensor | None = None,
-               chunk_rows: int = 65536) -> np.ndarray:
+               chunk_rows: int = 65536, first: int = 0) -> np.ndarray:
     """Monte-Carlo dropout predictions.
 
     Args:
@@ -148,9 +181,10 @@ def mc_predict(model: "Classifier | nn.Module", x: Tensor, passes: int, scope: s
         passes: T stochastic passes.
         scope: ``"head"`` (backbone once, passes vectorised on the head) or ``"full"``
             (every pass runs the whole network).
-        seed: generator seed; same seed -> same probabilities.
+        seed: request seed; pass ``t`` uses ``pass_seed(seed, t)`` whatever the chunking.
         features: precomputed ``[N, D]`` features (``scope="head"`` only).
         chunk_rows: memory bound for the vectorised head call.
+        first: index of the first pass (a chunk of a longer request).
     Returns:
         probs ``[N, T, C]`` float32.
     """
@@ -160,11 +194,13 @@ def mc_predict(model: "Classifier | nn.Module", x: Tensor, passes: int, scope: s
         if scope == "head":
             if features is None:
                 features = model.features(x)  # [N, D], deterministic (MC mode still off)
-            with mc_mode(model, seed):
-                probs = _head_passes(model.classify_features, features, t, chunk_rows)
+            probs = _head_passes(model, model.classify_features, features, t, seed, first, chunk_rows)
         else:
-            with mc_mode(model, seed):
-                probs = torch.stack([model(x).softmax(-1) for _ in range(t)], 1)  # [N, T, C]
+            outs = []
+            for i in range(first, first + t):
+                with mc_mode(model, seed, 1, i):
+                    outs.append(model(x).softmax(-1))  # [N, C]
+            probs = torch.stack(outs, 1)  # [N, T, C]
     return probs.float().numpy()
 
 

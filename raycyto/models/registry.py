@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raycyto.errors import DataError, RaycytoError
+from raycyto.errors import RaycytoError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -244,32 +244,11 @@ def build_backbone(name: str, pretrained: bool) -> nn.Module:
 
 # ----------------------------------------------------------------------------- preprocess
 def preprocess(images: np.ndarray, spec: BackboneSpec | str, size: int | None = None) -> torch.Tensor:
-    """uint8 RGB images -> normalised float batch for ``spec``.
+    """uint8 RGB images ``[N, H, W, 3]`` -> normalised float ``[N, 3, S, S]`` for ``spec``.
 
-    Args:
-        images: ``[N, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB.
-        spec: the backbone spec (or its name).
-        size: output side S; default ``spec.input_size``.
-    Returns:
-        float32 ``[N, 3, S, S]``: scaled to [0, 1], resized with ``spec.interpolation``
-        (antialiased, clamped to [0, 1]), then ``(x - mean) / std``.
-    Raises:
-        DataError: wrong dtype or shape (the message gives what was received).
+    The second step of :class:`raycyto.models.preprocessing.Preprocess` alone (no decode-size
+    resize): S = ``size`` or ``spec.input_size``. Pipelines use a ``Preprocess`` object.
     """
-    import torch.nn.functional as F
+    from raycyto.models.preprocessing import Preprocess
 
-    spec = get_spec(spec) if isinstance(spec, str) else spec
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise DataError(f"preprocess expects uint8 images [N, H, W, 3]; got dtype {arr.dtype} "
-                        f"shape {tuple(np.shape(images))}")
-    s = int(size or spec.input_size)
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-2:] != (s, s):  # [N, 3, H, W] -> [N, 3, S, S]
-        x = F.interpolate(x, size=(s, s), mode=spec.interpolation, antialias=True,
-                          align_corners=False).clamp_(0.0, 1.0)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return Preprocess.build(spec, None, size).to_tensor(images)
