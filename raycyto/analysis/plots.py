@@ -187,3 +187,120 @@ def comparison_plot(summary: pd.DataFrame, metrics: tuple[str, ...], path: Path)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("configurations compared", fontsize=9)
     return _save(fig, path)
+
+
+def risk_coverage_plot(curves: pd.DataFrame, summary: pd.DataFrame, title: str, path: Path) -> Path:
+    """Risk-coverage curves, one per confidence score, AURC in the legend (best first).
+
+    Args:
+        curves: selective.selective_curves output (score, coverage, risk).
+        summary: selective.selective_summary output (score, aurc).
+    """
+    fig, (ax,) = _figure(5.6, 5.0)
+    order = summary.sort_values("aurc")["score"].tolist() if len(summary) else []
+    order += [s for s in curves["score"].unique() if s not in order]
+    aurcs = dict(zip(summary["score"], summary["aurc"])) if len(summary) else {}
+    for i, name in enumerate(order):
+        c = curves[curves["score"] == name].sort_values("coverage")
+        a = aurcs.get(name, np.nan)
+        # one point per reachable threshold; a tie group is one point, joined by lines
+        ax.plot(c["coverage"], c["risk"], lw=1.8 if i == 0 else 1.1, color=f"C{i}",
+                marker="." if len(c) < 30 else None,
+                label=f"{name} (AURC {a:.3f})" if np.isfinite(a) else name)
+    if len(curves):
+        full = curves.loc[curves["coverage"] == curves["coverage"].max(), "risk"]
+        if len(full):
+            ax.axhline(float(full.iloc[0]), color="grey", ls=":", lw=0.8,
+                       label="error rate with nothing referred")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (share of cases the model decides; the rest are referred)")
+    ax.set_ylabel("error rate on the cases it decides")
+    ax.set_title(f"{title} (lower is better)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    return _save(fig, path)
+
+
+def _short(label: str, width: int = 38) -> str:
+    return label if len(label) <= width else "…" + label[-(width - 1):]
+
+
+def comparison_dot_plot(summary: pd.DataFrame, metrics: tuple[str, ...], path: Path,
+                        label: str = "config", chance: dict[str, float] | None = None) -> Path:
+    """Configurations compared: one panel per metric, one row per configuration, the
+    test-fold mean as a dot and ± std as a bar; rows sorted by the first metric.
+
+    Args:
+        summary: one row per configuration with ``<m>_mean`` / ``<m>_std`` columns, the
+            ``label`` column, optional ``best`` (bool: the selected one, drawn red and bold)
+            and ``head`` (``"probe"`` rows are baselines, drawn as grey diamonds).
+        metrics: metric names, e.g. ("auc", "recall", "accuracy").
+        chance: {metric: value} drawn as a dashed line (e.g. {"auc": 0.5}).
+    """
+    chance = chance or {}
+    key = f"{metrics[0]}_mean"
+    df = summary.sort_values(key, ascending=True, na_position="first").reset_index(drop=True)
+    n = max(len(df), 1)
+    fig, axes = _figure(1.6 + 2.6 * len(metrics), 1.0 + 0.26 * n, ncols=len(metrics))
+    best = df["best"].to_numpy(dtype=bool) if "best" in df else np.zeros(len(df), bool)
+    probe = (df["head"].astype(str) == "probe").to_numpy() if "head" in df else np.zeros(len(df), bool)
+    y = np.arange(len(df))
+    for j, (ax, m) in enumerate(zip(axes, metrics)):
+        mean = pd.to_numeric(df.get(f"{m}_mean"), errors="coerce").to_numpy(dtype=float)
+        std = np.nan_to_num(pd.to_numeric(df.get(f"{m}_std"), errors="coerce").to_numpy(dtype=float))
+        for kind, mask, style in (("model", ~best & ~probe, dict(fmt="o", color="C0")),
+                                  ("baseline", probe, dict(fmt="D", color="grey")),
+                                  ("selected", best, dict(fmt="o", color="red"))):
+            if mask.any():
+                ax.errorbar(mean[mask], y[mask], xerr=std[mask], capsize=2, ms=5, lw=1,
+                            label=kind, **style)
+        if m in chance:
+            ax.axvline(chance[m], color="grey", ls="--", lw=0.8)
+        ax.set_xlim(0, 1.02)
+        ax.set_title(f"{m} (test folds, mean ± std)", fontsize=9)
+        ax.grid(axis="x", lw=0.3)
+        ax.set_yticks(y, [_short(str(s)) for s in df[label]] if j == 0 else [""] * len(df),
+                      fontsize=8)
+        if j == 0:
+            for tick, b in zip(ax.get_yticklabels(), best):
+                if b:
+                    tick.set_fontweight("bold")
+                    tick.set_color("red")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def conformal_coverage_plot(table: pd.DataFrame, title: str, path: Path,
+                            tolerance: float = 0.05) -> Path:
+    """Empirical test coverage against the nominal level per conformal score (left) and
+    mean set size (right).
+
+    Args:
+        table: rows of one configuration: score, level, coverage_mean, coverage_std,
+            set_size_mean (conformal.conformal_summary).
+        tolerance: the band drawn around the diagonal.
+    """
+    fig, (ax, ax2) = _figure(8.4, 3.8, ncols=2)
+    levels = np.sort(table["level"].unique()) if len(table) else np.array([0.9])
+    lo, hi = max(0.0, levels.min() - 0.1), 1.0
+    grid = np.linspace(lo, hi, 10)
+    ax.plot(grid, grid, ls="--", color="grey", lw=0.8, label="nominal")
+    ax.fill_between(grid, grid - tolerance, np.minimum(grid + tolerance, 1), color="grey",
+                    alpha=0.15, label=f"± {tolerance:g}")
+    for i, (score, g) in enumerate(table.groupby("score", sort=True)):
+        g = g.sort_values("level")
+        dx = (i - 0.5) * 0.004
+        ax.errorbar(g["level"] + dx, g["coverage_mean"], yerr=np.nan_to_num(g["coverage_std"]),
+                    fmt="o-", capsize=3, color=f"C{i}", label=score)
+        ax2.plot(g["level"], g["set_size_mean"], "o-", color=f"C{i}", label=score)
+    ax.set_xlim(lo, hi + 0.01)
+    ax.set_ylim(lo, 1.01)
+    ax.set_xlabel("nominal level")
+    ax.set_ylabel("coverage on test folds (mean ± std)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax2.set_xlabel("nominal level")
+    ax2.set_ylabel("mean prediction-set size (classes)")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
