@@ -186,7 +186,8 @@ class ConformalCalibration:
             RaycytoError: score or level not calibrated.
         """
         if score not in self.thresholds:
-            raise RaycytoError(f"conformal score {score!r} not calibrated; have {list(self.scores)}")
+            raise RaycytoError(f"conformal score {score!r} not calibrated; "
+                               f"have {list(self.scores)}")
         by_level = self.thresholds[score]
         key = _level_key(level)
         if key not in by_level:
@@ -318,7 +319,8 @@ def set_metrics(sets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
            "singleton_rate": float(np.mean(size == 1)), "empty_rate": float(np.mean(size == 0)),
            "n": n}
     for k in range(sets.shape[1]):
-        out[f"coverage_class{k}"] = float(covered[y == k].mean()) if (y == k).any() else float("nan")
+        of_k = covered[y == k]
+        out[f"coverage_class{k}"] = float(of_k.mean()) if len(of_k) else float("nan")
     return out
 
 

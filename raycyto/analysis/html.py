@@ -301,7 +301,8 @@ def figures_html(figures: Sequence[tuple[str, str]]) -> str:
 
 def render_page(title: str, headline: Headline | None, figures: Sequence[tuple[str, str]],
                 sections: Sequence[Section], notes: Sequence[str] = (),
-                explanation: Sequence[str] = EXPLANATION, more_figures: Sequence[tuple[str, str]] = (),
+                explanation: Sequence[str] = EXPLANATION,
+                more_figures: Sequence[tuple[str, str]] = (),
                 appendix: str = "") -> str:
     """The report page a lab reads, top to bottom: headline, explanation, key figures,
     wide tables (folded), further figures, appendix (data summary, config).

@@ -243,11 +243,17 @@ def comparison_dot_plot(summary: pd.DataFrame, metrics: tuple[str, ...], path: P
     n = max(len(df), 1)
     fig, axes = _figure(1.6 + 2.6 * len(metrics), 1.0 + 0.26 * n, ncols=len(metrics))
     best = df["best"].to_numpy(dtype=bool) if "best" in df else np.zeros(len(df), bool)
-    probe = (df["head"].astype(str) == "probe").to_numpy() if "head" in df else np.zeros(len(df), bool)
+    probe = (df["head"].astype(str) == "probe").to_numpy() if "head" in df \
+        else np.zeros(len(df), bool)
+
+    def column(name: str) -> np.ndarray:
+        if name not in df:
+            return np.full(len(df), np.nan)
+        return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+
     y = np.arange(len(df))
     for j, (ax, m) in enumerate(zip(axes, metrics)):
-        mean = pd.to_numeric(df.get(f"{m}_mean"), errors="coerce").to_numpy(dtype=float)
-        std = np.nan_to_num(pd.to_numeric(df.get(f"{m}_std"), errors="coerce").to_numpy(dtype=float))
+        mean, std = column(f"{m}_mean"), np.nan_to_num(column(f"{m}_std"))
         for kind, mask, style in (("model", ~best & ~probe, dict(fmt="o", color="C0")),
                                   ("baseline", probe, dict(fmt="D", color="grey")),
                                   ("selected", best, dict(fmt="o", color="red"))):

@@ -31,7 +31,8 @@ SCORE_NAMES = ("MC vote confidence", "MC mean softmax", "softmax", "temperature-
                "conformal set size", "MC predictive entropy", "max logit")
 
 
-def _groups(correct: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _groups(correct: np.ndarray, confidence: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tie groups in decreasing confidence: (confidence [G], size [G], errors [G])."""
     conf = np.asarray(confidence, dtype=float)
     err = ~np.asarray(correct, dtype=bool)
@@ -125,7 +126,8 @@ def selective_scores(labels: np.ndarray, pred: np.ndarray, probs: np.ndarray, *,
     if temperature is not None:
         from raycyto.analysis.calibration import logits_from_probs, scaled_softmax
 
-        out["temperature-scaled softmax"] = (ok, scaled_softmax(logits_from_probs(p), temperature).max(1))
+        scaled = scaled_softmax(logits_from_probs(p), temperature)      # [N, C]
+        out["temperature-scaled softmax"] = (ok, scaled.max(1))
     if set_size is not None:
         out["conformal set size"] = (ok, -np.asarray(set_size, dtype=float))
     if mc_mean is not None:
@@ -199,4 +201,6 @@ def selective_folds(predictions: pd.DataFrame, prob_columns: Sequence[str],
             parts.append(pd.DataFrame({**dict(zip(by, key)), "score": name,
                                        "correct": correct, "confidence": conf}))
     cols_out = [*by, "score", "correct", "confidence"]
-    return pd.concat(parts, ignore_index=True)[cols_out] if parts else pd.DataFrame(columns=cols_out)
+    if not parts:
+        return pd.DataFrame(columns=cols_out)
+    return pd.concat(parts, ignore_index=True)[cols_out]
