@@ -2,10 +2,15 @@
 
 Measures, side by side in one run:
   * p50 / p99 latency of POST /predict at T=1 and T=100 passes, and of the same model
-    called in-process (LocalPredictor); ratio = Serve overhead;
-  * throughput (requests/s) at client concurrency 1, 8 and 32 (T=100);
+    called in-process (LocalPredictor); ratio = Serve overhead. Head-scope requests take the
+    one-hop fast path (ingress -> one Backbone replica that embeds and runs the passes);
+  * throughput (requests/s) at client concurrency 1, 8 and 32 (T=100), next to the offline
+    batched throughput of the same model (decode + batches of ``max_batch_size`` + T passes
+    each, one process, as many torch threads as the Backbone replica);
   * fan-out: the T passes in 1 chunk vs N chunks over N MC-head replicas, for a head-scope
-    model (T=100) and a full-scope model (every pass runs the whole network).
+    model (T=100) and a full-scope model (every pass runs the whole network), and the
+    head-scope break-even T above which fanning out would pay;
+  * last line: ``serve overhead p50 T=100: X.XX×``.
 
 Example:
     .venv/bin/python benchmarks/serve_latency.py --requests 20 --mc-replicas 2
@@ -79,12 +84,46 @@ async def _throughput(url: str, image: bytes, concurrency: int, total: int, pass
         return total / (time.perf_counter() - t0)
 
 
+def _offline_throughput(local, image: bytes, total: int, batch: int, passes: int) -> float:
+    """Images/s of the same model in-process: decode, embed in batches, T passes per image."""
+    from raycyto.serve.predict import build_result, chunk_plan
+    from raycyto.serve.validation import decode_upload
+
+    m = local.model
+    t0 = time.perf_counter()
+    for start in range(0, total, batch):
+        images = [decode_upload(image) for _ in range(min(batch, total - start))]
+        for x in m.embed(images):
+            probs = np.concatenate([m.run_chunk(x, c) for c in chunk_plan(passes, 1, 0)])
+            build_result(probs, 0.8, m.class_names, m.info, {"count": 1, "chunks": 1, "ids": ["offline"]})
+    return total / (time.perf_counter() - t0)
+
+
+def _pass_cost_ms(local, image: bytes, passes: int = 1000, reps: int = 5) -> float:
+    """In-process milliseconds per head-scope MC pass (features cached, T passes at once)."""
+    from raycyto.serve.predict import chunk_plan
+    from raycyto.serve.validation import decode_upload
+
+    m = local.model
+    x = m.embed([decode_upload(image)])[0]
+    (chunk,) = chunk_plan(passes, 1, 0)
+    best = min(_timed(lambda: m.run_chunk(x, chunk)) for _ in range(reps))
+    return best * 1000.0 / passes
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=20, help="requests per latency cell")
     p.add_argument("--mc-replicas", type=int, default=2)
     p.add_argument("--full-passes", type=int, default=8, help="T for the full-scope fan-out rows")
     p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--max-batch-size", type=int, default=8, help="Backbone @serve.batch size (and offline batch)")
     a = p.parse_args()
 
     import cv2
@@ -102,21 +141,24 @@ def main() -> None:
     n = a.requests
 
     # in-process reference (same model, same code path minus HTTP and Ray), with one torch
-    # thread like each replica here: two OpenMP threads on a loaded 2-core box spin-wait and
-    # run 20-30x slower, which would flatter Serve.
+    # thread like the Backbone replica here: two OpenMP threads on a loaded 2-core box
+    # spin-wait and run 20-30x slower, which would flatter Serve.
     torch.set_num_threads(1)
     local = LocalPredictor(bundles["head"], mc_replicas=a.mc_replicas)
     local.predict_bytes(image, passes=1)  # warm-up
+    offline_rps = _offline_throughput(local, image, max(4 * a.max_batch_size, 32), a.max_batch_size, 100)
+    pass_ms = _pass_cost_ms(local, image)
 
     ray.init(num_cpus=a.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     small = dict(backbone_num_cpus=0.4, mc_num_cpus=0.2, ingress_num_cpus=0.1, mc_replicas=a.mc_replicas,
-                 max_queued_requests=256, max_ongoing_requests=32)
+                 max_queued_requests=256, max_ongoing_requests=64, max_batch_size=a.max_batch_size)
     for name, path in bundles.items():
         serve.run(build_app(AppArgs(model_dir=str(path), **small)), name=name, route_prefix=f"/{name}")
     url = f"http://127.0.0.1:{port}"
     rows: list[tuple[str, str]] = []
+    overhead: dict[int, float] = {}
     with httpx.Client(base_url=url, timeout=120) as c:
         _http_latency(c, "/head/predict", image, 3, passes=100)  # warm-up
         _http_latency(c, "/full/predict", image, 2, passes=2)
@@ -128,12 +170,16 @@ def main() -> None:
                 local.predict_bytes(image, passes=t)
                 inproc.append(time.perf_counter() - t0)
             (sp50, sp99), (lp50, lp99) = _pct(served), _pct(inproc)
+            overhead[t] = sp50 / lp50
             rows.append((f"/predict T={t}  serve p50 / p99 (ms)", f"{sp50:8.1f} / {sp99:8.1f}"))
             rows.append((f"in-process T={t} p50 / p99 (ms)", f"{lp50:8.1f} / {lp99:8.1f}"))
-            rows.append((f"Serve overhead T={t} (p50 ratio)", f"{sp50 / lp50:8.2f}x"))
+            rows.append((f"Serve overhead T={t} (p50 ratio)", f"{overhead[t]:8.2f}x"))
         for conc in (1, 8, 32):
             rps = asyncio.run(_throughput(url, image, conc, max(n, 2 * conc), 100))
             rows.append((f"throughput T=100 concurrency {conc:>2} (req/s)", f"{rps:8.1f}"))
+        rows.append((f"offline batched throughput T=100, batch {a.max_batch_size} (img/s)", f"{offline_rps:8.1f}"))
+        rows.append(("throughput concurrency 32 / offline batched", f"{rps / offline_rps:8.2f}x"))
+        hop = {}
         for scope, t in (("head", 100), ("full", a.full_passes)):
             lat: dict[int, list[float]] = {1: [], a.mc_replicas: []}
             for _ in range(max(4, n // 2)):  # interleaved 1 vs N chunks
@@ -143,6 +189,14 @@ def main() -> None:
             for k in lat:
                 rows.append((f"{scope} scope T={t} fan-out {k} chunk(s) p50 (ms)", f"{p50[k]:8.1f}"))
             rows.append((f"{scope} scope speed-up 1 -> {a.mc_replicas} chunks", f"{p50[1] / p50[a.mc_replicas]:8.2f}x"))
+            hop[scope] = p50[a.mc_replicas] - p50[1]
+        # fanning out T head passes over k replicas saves (1 - 1/k) T c of pass time and costs
+        # the extra hops measured above (plus the pass time it did save at T=100)
+        k = a.mc_replicas
+        saved_per_pass = (1 - 1 / k) * pass_ms
+        cost = hop["head"] + saved_per_pass * 100
+        rows.append(("head scope MC pass cost in-process (ms/pass)", f"{pass_ms:8.4f}"))
+        rows.append((f"head scope fan-out break-even T ({k} chunks)", f"{cost / saved_per_pass:8.0f}"))
     serve.shutdown()
     ray.shutdown()
 
@@ -151,6 +205,7 @@ def main() -> None:
     print("-" * (width + 20))
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    print(f"serve overhead p50 T=100: {overhead[100]:.2f}×")
 
 
 if __name__ == "__main__":

@@ -336,8 +336,11 @@ def test_overload_gets_quick_503_instead_of_hanging(endpoint):
     results = asyncio.run(burst())
     codes = [code for code, _ in results]
     assert set(codes) <= {200, 503} and codes.count(200) >= 4 and codes.count(503) >= 1, codes
-    shed = sorted(t for code, t in results if code == 503)
-    assert shed[len(shed) // 2] < 2.0  # refused at once, not after queueing
+    # refused at once, not after queueing: the shed requests come back while the admitted
+    # ones are still being served (relative, so a loaded CI machine does not matter)
+    shed = np.median([t for code, t in results if code == 503])
+    served = np.median([t for code, t in results if code == 200])
+    assert shed < served, (shed, served)
 
 
 def _mc_replica_actors() -> list[dict]:
@@ -474,7 +477,7 @@ def test_gpu_cluster_yaml_shape_deploys_on_cpu_and_autoscales_under_load(model_d
         def burst(i: int) -> set[str]:
             seen: set[str] = set()
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
-                end = time.monotonic() + 45  # exits as soon as both replicas answered
+                end = time.monotonic() + 300  # generous on a loaded CI box; exits once both replicas answered
                 while time.monotonic() < end and len(seen) < 2:
                     r = c.post("/predict", params={"passes": 64, "fan_out": 8}, content=_png(i),
                                headers={"content-type": "image/png"})

@@ -1,15 +1,21 @@
-"""Ray Serve application: typed builder + three deployments.
+"""Ray Serve application: typed builder + three deployments, several models per endpoint.
 
 Graph (``import_path: raycyto.serve.app:build_app`` in the Serve YAML)::
 
-    Ingress (FastAPI: validation, auth, OIP v2)
-      -> Backbone  (preprocess + backbone, dynamic batching with @serve.batch; GPUs if given)
-      -> MCHead x R (the T passes of a request split into chunks, sent concurrently)
+    Ingress (FastAPI: validation, auth, OIP v2, metrics, audit)
+      -> Backbone (multiplexed by model; preprocess + backbone with @serve.batch; GPUs if given)
+           one hop: the same replica runs the T passes of the request (the fast path)
+      -> MCHead x R (only when a request's passes are split into chunks: full scope, an
+                     explicit fan_out, or head scope past ``head_fan_out_passes``)
 
-Head scope: the backbone returns features ``[D]``; each MC chunk runs the dropout head.
-Full scope (``mc.scope == "full"``): the backbone deployment only preprocesses and each MC
-chunk runs the whole network. Chunk i of a request is seeded from (seed, chunks, i), so a
-response is deterministic given its seed, whichever replicas served it.
+Models: ``models`` (or the single ``model_dir``) lists bundles. On the Backbone each is a
+Serve multiplexed model id (its location): replicas load the bundles they are asked for
+(LRU beyond ``max_models_per_replica``) and requests go to replicas that hold them. MC
+replicas load a bundle when a chunk first names it. Names and versions come from the bundles.
+
+Chunk i of a request is seeded by :func:`raycyto.serve.predict.chunk_plan`, so a response
+is deterministic given its seed, whichever replicas served it (and equal to
+``LocalPredictor``'s).
 
 This module deliberately has no ``from __future__ import annotations``: Serve inspects
 the builder's parameter annotation as a class to validate the YAML ``args``.
@@ -18,6 +24,7 @@ the builder's parameter annotation as a class to validate the YAML ``args``.
 import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,11 +35,20 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from raycyto.device import worker_device
-from raycyto.serve.api import ApiSettings, ServiceUnavailable, build_api
+from raycyto.serve.api import ApiSettings, ModelIndex, ServedModel, ServiceUnavailable, build_api
 from raycyto.serve.predict import DEFAULT_MC_REPLICAS, LoadedModel, build_result, chunk_plan, resolve_fan_out
 
 log = logging.getLogger(__name__)
 MODEL_DIR_ENV = "RAYCYTO_MODEL_DIR"
+
+
+class ModelSource(BaseModel):
+    """One bundle to serve (an entry of ``models:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_dir: str = Field(..., description="exported bundle: folder or s3://... URI")
+    version: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                                   description="version label (default: first 12 hex digits of its sha256)")
 
 
 class AppArgs(BaseModel):
@@ -41,10 +57,17 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str = Field("runs/demo/model", description=f"exported bundle; env {MODEL_DIR_ENV} overrides")
+    models: Optional[list[ModelSource]] = Field(
+        None, description="several bundles on one endpoint (replaces model_dir); /predict defaults to the "
+                          "first, a name's default version is the one listed last")
     passes: Optional[int] = Field(None, ge=1, description="default MC passes T (None: model.json)")
     threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="default refer threshold")
     fan_out: Optional[int] = Field(None, ge=1, description="chunks per request (None: 1 head / R full)")
-    seed: int = Field(0, ge=0, description="default seed of the MC passes")
+    head_fan_out_passes: Optional[int] = Field(
+        None, ge=1, description="head scope: fan out over the MC replicas from this many passes on (None: "
+                                "never; benchmarks/serve_latency.py measures the break-even)")
+    seed: Optional[int] = Field(None, ge=0, description="default seed of the MC passes (None: each "
+                                "bundle's model.json mc.seed, so the endpoint reproduces the sweep)")
     max_passes: int = Field(1000, ge=1)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_pixels: Optional[int] = Field(None, ge=1, description="decompression-bomb pixel limit")
@@ -55,13 +78,24 @@ class AppArgs(BaseModel):
     backbone_num_cpus: float = Field(1.0, ge=0)
     backbone_num_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size of the backbone")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a fuller batch (0: take "
+                                        "what queued while the last batch ran)")
+    max_models_per_replica: Optional[int] = Field(None, ge=1, description="bundles a Backbone replica keeps "
+                                                  "loaded (LRU); None: all of them")
     mc_replicas: int = Field(DEFAULT_MC_REPLICAS, ge=1)
     mc_num_cpus: float = Field(0.5, ge=0)
     ingress_num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(16, ge=1, description="ingress: per-replica concurrency")
     max_queued_requests: int = Field(64, ge=-1, description="ingress: queue bound; excess -> 503")
-    chunk_retries: int = Field(2, ge=0, description="retries of a chunk whose replica died")
+    chunk_retries: int = Field(2, ge=0, description="retries of a call whose replica died")
+    metrics: bool = Field(True, description="export raycyto_* Prometheus metrics through Ray")
+    audit_log: Optional[str] = Field(None, description="JSONL audit file ({replica} is replaced); None: off")
+    audit_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="audit file rotation size")
+    audit_backups: int = Field(5, ge=0, description="rotated audit files kept")
+
+    def sources(self) -> list[ModelSource]:
+        """The bundles to serve: ``models``, else the single ``model_dir``."""
+        return list(self.models) if self.models else [ModelSource(model_dir=self.model_dir)]
 
 
 def _threads_for_replica() -> None:
@@ -73,70 +107,119 @@ def _threads_for_replica() -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-@serve.deployment(name="Backbone", max_ongoing_requests=32, health_check_period_s=10)
-class Backbone:
-    """Preprocess + backbone with dynamic batching; returns what the MC replicas need."""
+class _ModelReplica:
+    """Shared by Backbone and MCHead: bundles loaded on demand, keyed by their location."""
 
-    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        import threading
-
+    def _setup_models(self, model_dirs: list[str]) -> None:
         _threads_for_replica()
-        self.model = LoadedModel(model_dir, device=worker_device())
-        self.lock = threading.Lock()
-        self.embed.set_max_batch_size(max_batch_size)
-        self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.allowed = set(model_dirs)
+        self.loading: dict[str, "asyncio.Task[LoadedModel]"] = {}
+        self.lock = threading.Lock()  # one torch computation at a time; seeded passes never interleave
+        self.replica_id = serve.get_replica_context().replica_tag
 
-    def describe(self) -> dict[str, Any]:
-        """Model facts the ingress needs (name, sha256, classes, defaults, scope)."""
-        m = self.model
-        return {"info": m.info, "class_names": m.class_names, "scope": m.scope,
-                "passes": m.default_passes, "threshold": m.default_threshold,
-                "input_size": int(m.meta.get("input_size") or m.model.spec.input_size)}
+    def _check(self, key: str) -> None:
+        if key not in self.allowed:
+            raise ValueError(f"model {key!r} is not configured on this deployment")
+
+    async def load(self, key: str) -> LoadedModel:
+        """The bundle at ``key``, loaded once per replica (in a thread) and kept."""
+        self._check(key)
+        if key not in self.loading:
+            self.loading[key] = asyncio.ensure_future(asyncio.to_thread(LoadedModel, key, worker_device()))
+        try:
+            return await asyncio.shield(self.loading[key])
+        except Exception:
+            self.loading.pop(key, None)  # a failed load is retried by the next request
+            raise
+
+    async def _locked(self, fn: Any, *args: Any) -> Any:
+        def run() -> Any:
+            with self.lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(run)
 
     def ping(self) -> bool:
         return True
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Batch of uint8 ``[H, W, 3]`` images -> features ``[D]`` or pixels ``[3, S, S]`` each."""
-        def run() -> list[np.ndarray]:
-            with self.lock:
-                return self.model.embed(images)
-
-        return await asyncio.to_thread(run)
-
     def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("model not loaded")
+        if not self.allowed:
+            raise RuntimeError("no model configured")
+
+
+@serve.deployment(name="Backbone", max_ongoing_requests=32, health_check_period_s=10)
+class Backbone(_ModelReplica):
+    """Preprocess + backbone with dynamic batching; runs a request's passes itself (one hop)."""
+
+    def __init__(self, model_dirs: list[str], max_batch_size: int, batch_wait_timeout_s: float,
+                 max_models: Optional[int] = None, metrics: bool = True) -> None:
+        self._setup_models(model_dirs)
+        # Serve multiplexing: the model id of a request is its bundle location; requests go to
+        # replicas that hold their model, and @serve.batch splits batches by model id.
+        async def load_one(key: str) -> LoadedModel:  # a function: Serve keeps its LRU cache on it
+            self._check(key)
+            return await asyncio.to_thread(LoadedModel, key, worker_device())
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=max_models or len(model_dirs))(load_one)
+        self.embed.set_max_batch_size(max_batch_size)
+        self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        from raycyto.serve.metrics import BatchMetrics
+
+        self.metrics = BatchMetrics() if metrics else None
+
+    async def _model(self) -> LoadedModel:
+        return await self.get_model(serve.get_multiplexed_model_id())
+
+    async def ready(self) -> bool:
+        """Loads the request's model if needed; True once it is there."""
+        await self._model()
+        return True
+
+    async def describe(self) -> dict[str, Any]:
+        """Facts the ingress needs about the request's model (name, sha256, classes, defaults, scope)."""
+        m = await self._model()
+        return {"info": m.info, "class_names": m.class_names, "scope": m.scope,
+                "passes": m.default_passes, "threshold": m.default_threshold,
+                "seed": int(getattr(m, "default_seed", 0)),
+                "input_size": int(m.meta.get("input_size") or m.model.spec.input_size)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Batch of uint8 ``[H, W, 3]`` images (one model: Serve splits batches by model id)
+        -> features ``[D]`` (head scope) or pixels ``[3, S, S]`` (full scope) each."""
+        m = await self._model()
+        if self.metrics is not None:
+            self.metrics.batch(m.name, len(images))
+        return await self._locked(m.embed, images)
+
+    async def predict(self, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
+        """The fast path: embed (batched with concurrent requests), then run the chunks of
+        ``plan`` (``chunk_plan``'s) here; returns probs ``[T, C]`` and this replica's id."""
+        x = await self.embed(image)
+        m = await self._model()
+
+        def passes() -> np.ndarray:
+            return np.concatenate([m.run_chunk(x, c) for c in plan])  # [T, C], chunk order
+
+        return {"probs": await self._locked(passes), "replica": self.replica_id}
 
 
 @serve.deployment(name="MCHead", num_replicas=DEFAULT_MC_REPLICAS, max_ongoing_requests=8,
                   health_check_period_s=10)
-class MCHead:
-    """Runs one chunk of stochastic passes (head only, or the full network for full scope)."""
+class MCHead(_ModelReplica):
+    """Runs one chunk of stochastic passes (head only, or the full network for full scope).
 
-    def __init__(self, model_dir: str) -> None:
-        import threading
+    Not multiplexed: the chunks of a request should spread over every replica, and each
+    replica loads (once) whichever configured bundle a chunk names.
+    """
 
-        _threads_for_replica()
-        self.model = LoadedModel(model_dir, device=worker_device())
-        self.replica_id = serve.get_replica_context().replica_tag
-        self.lock = threading.Lock()  # seeded passes must not interleave
+    def __init__(self, model_dirs: list[str]) -> None:
+        self._setup_models(model_dirs)
 
-    def ping(self) -> bool:
-        return True
-
-    async def run(self, x: np.ndarray, n: int, seed: int) -> dict[str, Any]:
-        """``n`` passes seeded with ``seed`` on embedded image ``x``; probs ``[n, C]`` + replica id."""
-        def work() -> np.ndarray:
-            with self.lock:
-                return self.model.run_chunk(x, n, seed)
-
-        return {"probs": await asyncio.to_thread(work), "replica": self.replica_id}
-
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("model not loaded")
+    async def run(self, key: str, x: np.ndarray, chunk: Any) -> dict[str, Any]:
+        """One chunk of seeded passes of model ``key`` on embedded image ``x``; probs ``[n, C]`` + replica id."""
+        m = await self.load(key)
+        return {"probs": await self._locked(m.run_chunk, x, chunk), "replica": self.replica_id}
 
 
 def read_token(env: Optional[str], file: Optional[str]) -> Optional[str]:
@@ -167,7 +250,7 @@ def read_token(env: Optional[str], file: Optional[str]) -> Optional[str]:
                   health_check_period_s=10)
 @serve.ingress()
 class Ingress:
-    """FastAPI ingress: validates input, fans the MC passes out, aggregates the answer."""
+    """FastAPI ingress: validates input, routes to the model, fans passes out only where it pays."""
 
     async def __init__(self, backbone: DeploymentHandle, mc: DeploymentHandle, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
@@ -175,19 +258,39 @@ class Ingress:
         self.mc = mc
         # Secrets are read here, in the replica, so they never travel in the app config.
         self.token = read_token(self.args.auth_token_env, self.args.auth_token_file)
-        d = await self._call(self.backbone.describe)
-        self.model_info: dict[str, str] = d["info"]
-        self.class_names: list[str] = d["class_names"]
-        self.input_size: int = d["input_size"]
-        self.default_passes: int = self.args.passes or d["passes"]
-        self.default_threshold: float = d["threshold"] if self.args.threshold is None else self.args.threshold
-        self.fan_out = resolve_fan_out(self.args.fan_out, d["scope"], self.args.mc_replicas)
+        sources = self.args.sources()
+        described = await asyncio.gather(*[self._call(self._on(backbone, s.model_dir).describe)
+                                           for s in sources])
+        self.index = ModelIndex([self._served(s, d) for s, d in zip(sources, described)])
+        self.metrics = None
+        if self.args.metrics:
+            from raycyto.serve.metrics import ServeMetrics
+
+            self.metrics = ServeMetrics()
+        self.audit = None
+        if self.args.audit_log:
+            from raycyto.serve.audit import AuditLog
+
+            self.audit = AuditLog(self.args.audit_log, self.args.audit_max_bytes, self.args.audit_backups,
+                                  replica=serve.get_replica_context().replica_tag)
+
+    def _served(self, src: ModelSource, d: dict[str, Any]) -> ServedModel:
+        a = self.args
+        return ServedModel(key=src.model_dir, name=d["info"]["name"], sha256=d["info"]["sha256"],
+                           version=src.version or d["info"]["sha256"][:12], class_names=tuple(d["class_names"]),
+                           input_size=d["input_size"], passes=a.passes or d["passes"],
+                           threshold=d["threshold"] if a.threshold is None else a.threshold, scope=d["scope"],
+                           seed=d["seed"])
+
+    @staticmethod
+    def _on(handle: DeploymentHandle, key: str) -> DeploymentHandle:
+        return handle.options(multiplexed_model_id=key)
 
     def __serve_build_asgi_app__(self) -> Any:
         a = self.args
         return build_api(self, ApiSettings(max_body_bytes=a.max_body_bytes, max_pixels=a.max_pixels,
                                            max_passes=a.max_passes, max_batch=a.max_infer_batch,
-                                           token=self.token, seed=a.seed))
+                                           token=self.token, seed=a.seed, metrics=self.metrics, audit=self.audit))
 
     async def _call(self, method: Any, *args: Any) -> Any:
         """Call a deployment method, retrying when the replica died under the request."""
@@ -203,20 +306,40 @@ class Ingress:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise ServiceUnavailable(f"model replicas unavailable ({type(last).__name__})")
 
-    async def predict(self, image: np.ndarray, passes: int, threshold: float, seed: int,
+    def chunks(self, model: ServedModel, passes: int, fan_out: Optional[int]) -> int:
+        """Chunks for a request: the request's fan_out, else the app's/scope's default, and for
+        head scope one chunk below ``head_fan_out_passes`` (the fan-out break-even)."""
+        if fan_out:
+            return fan_out
+        a = self.args
+        chunks = resolve_fan_out(a.fan_out, model.scope, a.mc_replicas)
+        if model.scope == "head" and not a.fan_out and a.head_fan_out_passes and passes >= a.head_fan_out_passes:
+            chunks = a.mc_replicas
+        return chunks
+
+    async def predict(self, model: ServedModel, image: np.ndarray, passes: int, threshold: float, seed: int,
                       fan_out: Optional[int] = None) -> dict[str, Any]:
-        """Embed once, run the passes' chunks concurrently on MC replicas, summarise."""
-        x = await self._call(self.backbone.embed, image)
-        plan = chunk_plan(passes, fan_out or self.fan_out, seed)
-        outs = await asyncio.gather(*[self._call(self.mc.run, x, n, s) for n, s in plan])
-        probs = np.concatenate([o["probs"] for o in outs])  # [T, C], chunk order
-        ids = sorted({o["replica"] for o in outs})
-        return build_result(probs, threshold, self.class_names, self.model_info,
+        """One chunk: one hop to a Backbone replica that embeds and runs the passes. Several:
+        embed there, run the chunks concurrently on MC replicas, concatenate in chunk order."""
+        plan = chunk_plan(passes, self.chunks(model, passes, fan_out), seed)
+        backbone = self._on(self.backbone, model.key)
+        if len(plan) == 1:
+            out = await self._call(backbone.predict, image, plan)
+            probs, ids = out["probs"], [out["replica"]]
+        else:
+            x = await self._call(backbone.embed, image)
+            outs = await asyncio.gather(*[self._call(self.mc.run, model.key, x, c) for c in plan])
+            probs = np.concatenate([o["probs"] for o in outs])  # [T, C], chunk order
+            ids = sorted({o["replica"] for o in outs})
+        return build_result(probs, threshold, list(model.class_names), model.info,
                             {"count": len(ids), "chunks": len(plan), "ids": ids})
 
-    async def ready(self) -> bool:
+    async def ready(self, model: Optional[ServedModel] = None) -> bool:
+        """Every listed model (or ``model``) loadable on a Backbone replica, and an MC replica up."""
+        models = [model] if model is not None else self.index.models
+        calls = [self._on(self.backbone, m.key).ready.remote() for m in models] + [self.mc.ping.remote()]
         try:
-            await asyncio.wait_for(asyncio.gather(self.backbone.ping.remote(), self.mc.ping.remote()), 5.0)
+            await asyncio.wait_for(asyncio.gather(*calls), 5.0)
             return True
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
@@ -226,8 +349,9 @@ class Ingress:
             raise RuntimeError("deployment handles missing")
 
 
-def resolve_model_dir(model_dir: str) -> str:
-    """``$RAYCYTO_MODEL_DIR`` if set, else ``model_dir``; absolute (or a URI); must hold model.json.
+def resolve_model_dir(model_dir: str, env_override: bool = True) -> str:
+    """``$RAYCYTO_MODEL_DIR`` (if ``env_override`` and set), else ``model_dir``; absolute (or a
+    URI); must hold model.json.
 
     A URI (``s3://bucket/models/x``) is kept: every replica, on whichever node, copies the
     bundle from there and verifies it.
@@ -236,7 +360,7 @@ def resolve_model_dir(model_dir: str) -> str:
     from raycyto.errors import ConfigError
     from raycyto.storage import is_file
 
-    chosen = os.environ.get(MODEL_DIR_ENV) or model_dir
+    chosen = (os.environ.get(MODEL_DIR_ENV) if env_override else None) or model_dir
     where = chosen.rstrip("/") if is_uri(chosen) else str(Path(chosen).expanduser().resolve())
     try:
         found = is_file(f"{where}/model.json")
@@ -258,17 +382,26 @@ def build_app(args: AppArgs) -> Application:
 
     Example: ``serve run raycyto.serve.app:build_app model_dir=runs/demo/model``
     """
+    from raycyto.errors import ConfigError
+
     if isinstance(args, dict):  # called directly from Python with a dict
         args = AppArgs.model_validate(args)
-    model_dir = resolve_model_dir(args.model_dir)
-    args = args.model_copy(update={"model_dir": model_dir})
+    if args.models:  # several bundles: each path as written (the env override is for model_dir)
+        models = [s.model_copy(update={"model_dir": resolve_model_dir(s.model_dir, env_override=False)})
+                  for s in args.models]
+        dirs = [s.model_dir for s in models]
+        if len(set(dirs)) != len(dirs):
+            raise ConfigError("models", f"a bundle is listed twice: {dirs}")
+        args = args.model_copy(update={"models": models})
+    else:
+        args = args.model_copy(update={"model_dir": resolve_model_dir(args.model_dir)})
+    dirs = [s.model_dir for s in args.sources()]
     backbone = Backbone.options(
         num_replicas=args.backbone_replicas,
         max_ongoing_requests=max(32, 2 * args.max_batch_size),
         ray_actor_options={"num_cpus": args.backbone_num_cpus, "num_gpus": args.backbone_num_gpus},
-    ).bind(model_dir, args.max_batch_size, args.batch_wait_timeout_s)
-    mc = MCHead.options(num_replicas=args.mc_replicas,
-                        ray_actor_options={"num_cpus": args.mc_num_cpus}).bind(model_dir)
+    ).bind(dirs, args.max_batch_size, args.batch_wait_timeout_s, args.max_models_per_replica, args.metrics)
+    mc = MCHead.options(num_replicas=args.mc_replicas, ray_actor_options={"num_cpus": args.mc_num_cpus}).bind(dirs)
     return Ingress.options(
         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
         ray_actor_options={"num_cpus": args.ingress_num_cpus},

@@ -37,7 +37,8 @@ def export(
 
 
 def serve(
-    model_dir: str = typer.Argument(..., help="model bundle written by `raycyto export` (folder or s3://... URI)"),
+    model_dirs: list[str] = typer.Argument(..., help="model bundle(s) written by `raycyto export` (folders or "
+                                                     "s3://... URIs); several = one endpoint, by name and version"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     passes: Optional[int] = typer.Option(None, "--passes", help="default MC passes"),
@@ -46,30 +47,51 @@ def serve(
     token_env: Optional[str] = typer.Option(None, "--token-env", help="env var with a bearer token (auth on)"),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="file with a bearer token (auth on)"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for a local Ray"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
+                                               help="Prometheus port of a local Ray (default: Ray picks one)"),
+    audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="JSONL audit file (rotated)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's and Serve's own log lines"),
 ) -> None:
-    """Serve a model bundle on a local Ray Serve (blocking; Ctrl-C to stop).
+    """Serve model bundles on a local Ray Serve (blocking; Ctrl-C to stop).
 
-    Example: raycyto serve runs/demo/model --port 8000 --passes 100
+    Quiet by default: it prints where it serves once ready; Ray's own lines go to its log
+    files (/tmp/ray/session_latest/logs), --verbose brings them back to the terminal.
+
+    Example: raycyto serve runs/demo/model runs/leukemia/model --port 8000 --passes 100
     """
+    import logging
+
     import ray
     from ray import serve as rs
 
     from raycyto.errors import RaycytoError
     from raycyto.serve.app import AppArgs, build_app
 
+    level = logging.INFO if verbose else logging.WARNING
     try:
-        args = AppArgs(model_dir=str(model_dir), passes=passes, fan_out=fan_out, mc_replicas=mc_replicas,
+        sources = {"models": [{"model_dir": d} for d in model_dirs]} if len(model_dirs) > 1 else {
+            "model_dir": str(model_dirs[0])}
+        args = AppArgs(**sources, passes=passes, fan_out=fan_out, mc_replicas=mc_replicas,
                        auth_token_env=token_env, auth_token_file=str(token_file) if token_file else None,
+                       audit_log=str(audit_log) if audit_log else None,
                        mc_num_cpus=0.25, backbone_num_cpus=0.5)
         app = build_app(args)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    for name in ("ray", "ray.serve"):  # the driver's "Started Serve ...", "Application ... is ready" lines
+        logging.getLogger(name).setLevel(level)
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-    rs.start(http_options={"host": host, "port": port})
-    rs.run(app, name="raycyto", route_prefix="/")
-    typer.echo(f"serving {model_dir} at http://{host}:{port}/predict  (docs: http://{host}:{port}/docs); Ctrl-C to stop")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
+                 _metrics_export_port=metrics_port)
+    quiet = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
+    rs.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    rs.run(app, name="raycyto", route_prefix="/", logging_config=quiet)
+    node = ray._private.worker.global_worker.node
+    base = f"http://{host}:{port}"
+    typer.echo(f"ready: {base}/predict  (models: {base}/models, OIP v2: {base}/v2, docs: {base}/docs)")
+    typer.echo(f"metrics: http://{node.node_ip_address}:{node.metrics_export_port}/metrics   "
+               f"Ray logs: {node.get_logs_dir_path()}   Ctrl-C to stop")
     try:
         while True:
             time.sleep(1)
