@@ -111,7 +111,7 @@ def fabricate_experiment(out: Path, classes: tuple[str, ...] = BINARY,
                 per = [scores(g) for _, g in trial_preds[trial_preds["split"] == split].groupby("fold")]
                 row.update({f"{split}_{m}": float(np.mean([d[m] for d in per])) for m in per[0]})
             row.update({"time_s": 1.5, "history_dir": f"histories/{trial_id}",
-                        "checkpoint_dir": f"checkpoints/{trial_id}"})
+                        "checkpoint_dir": f"checkpoints/{trial_id}", "baseline": False, "mc_dropout": True})
             results.append(row)
             hist_dir = out / "histories" / trial_id
             hist_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def fabricate_experiment(out: Path, classes: tuple[str, ...] = BINARY,
     meta = {
         "task": "binary" if c == 2 else "multiclass", "class_names": list(classes),
         "positive_class": positive, "mc": {"passes": passes, "threshold": threshold},
-        "select_metric": "val_accuracy",
+        "select_metric": "val_accuracy", "search_metric": "val_accuracy",
         "data": {"n_images": n_images,
                  "class_counts": {k: int(n_images / c) for k in classes}, "n_groups": n_images // 2,
                  "folds": [{"fold": f, "train": 2 * per_fold, "val": per_fold, "test": per_fold}

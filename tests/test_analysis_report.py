@@ -73,7 +73,7 @@ def test_report_html_highlights_the_validation_selected_row_and_shows_config_and
 def test_five_class_report_has_one_vs_rest_roc_and_per_class_rows(tmp_path):
     exp = fabricate_experiment(tmp_path / "exp", classes=FIVE, positive=None, per_fold=10,
                                samples=1, seed=8)
-    html = write_report(exp, tmp_path / "out", metric="accuracy")
+    html = write_report(exp, tmp_path / "out", select="accuracy")
     check_report_images(html)
     per_class = pd.read_csv(tmp_path / "out" / "per_class.csv")
     assert sorted(per_class["class"].unique()) == sorted(FIVE)

@@ -111,7 +111,7 @@ def test_five_class_tables_equal_sklearn_on_the_predictions(five_exp):
     check_tables_against_sklearn(five_exp)
     exp = load_experiment(five_exp)
     assert len(per_class_table(exp)) == 2 * 5      # two configurations x five classes
-    assert select_best(exp)["select_metric"] == "f1"
+    assert select_best(exp)["select_metric"] == "accuracy"  # the sweep's search metric (val_accuracy)
 
 
 def test_summary_has_one_row_per_configuration_using_its_best_validation_sample(binary_exp):
@@ -127,15 +127,17 @@ def test_summary_has_one_row_per_configuration_using_its_best_validation_sample(
     assert summary.loc[summary["best"], "val_score"].iloc[0] == summary["val_score"].max()
 
 
-def test_default_binary_selection_is_positive_class_recall_from_val_predictions(binary_exp):
+def test_default_selection_is_the_search_metric_from_val_predictions(binary_exp):
     exp = load_experiment(binary_exp)
     scores = hpo_table(exp).set_index("trial_id")["selection_score"]
     val = exp.val_predictions
     for trial, g in val.groupby("trial_id"):
-        per_fold = [recall_score(f["label"] == 1, f["pred"] == 1) for _, f in g.groupby("fold")]
+        per_fold = [accuracy_score(f["label"], f["pred"]) for _, f in g.groupby("fold")]
         assert scores[trial] == pytest.approx(np.mean(per_fold), abs=TOL)
-    # results.csv val_recall was computed the same way by the fabricator
-    assert np.allclose(scores.sort_index(), exp.results.set_index("trial_id")["val_recall"].sort_index())
+    # results.csv val_accuracy was computed the same way by the fabricator
+    assert np.allclose(scores.sort_index(), exp.results.set_index("trial_id")["val_accuracy"].sort_index())
+    recall = hpo_table(exp, "recall").set_index("trial_id")["selection_score"]
+    assert np.allclose(recall.sort_index(), exp.results.set_index("trial_id")["val_recall"].sort_index())
 
 
 def test_selection_never_reads_test_metrics_or_predictions(tmp_path):

@@ -25,63 +25,62 @@ def classifier():
 
 @pytest.fixture()
 def fake_experiment(tmp_path, classifier) -> Path:
-    """Two trials x two folds; validation and test metrics disagree on purpose."""
+    """A fabricated experiment (2 configurations x 2 samples x 3 folds, contract-complete) with a
+    real bundle per trial and fold, each marked ``<trial>-fold<k>``."""
+    from test_analysis_fabricate import fabricate_experiment
+
     from raycyto.models.bundle import save_bundle
 
-    exp = tmp_path / "exp"
-    rows = []
-    # trial A: best on test, worse on validation; trial B: best on validation.
-    for trial, val_auc, test_auc, fold_aucs in (("A", 0.70, 0.99, (0.71, 0.69)),
-                                                 ("B", 0.90, 0.60, (0.85, [0.80, 0.93, 0.90]))):
-        for k, aucs in enumerate(fold_aucs):
-            aucs = aucs if isinstance(aucs, list) else [aucs]
-            hist = exp / "histories" / trial
-            hist.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame({"epoch": range(len(aucs)), "val_auc": aucs,
-                          "val_loss": [0.5] * len(aucs)}).to_csv(hist / f"fold{k}.csv", index=False)
+    exp = fabricate_experiment(tmp_path / "exp", seed=11, passes=30, threshold=0.7)
+    for trial in read_csv(exp / "results.csv")["trial_id"]:
+        for k in range(3):
             save_bundle(exp / "checkpoints" / trial / f"fold{k}", classifier,
                         {"class_names": ["normal", "abnormal"], "positive_class": "abnormal",
                          "marker": f"{trial}-fold{k}"})
-        rows.append({"trial_id": trial, "backbone": "efficientnet_lite0", "finetune": "frozen", "head": "d",
-                     "lr": 1e-3, "batch_size": 8, "status": "TERMINATED", "val_auc": val_auc,
-                     "test_auc": test_auc, "val_loss": 1 - val_auc, "test_loss": 1 - test_auc,
-                     "val_accuracy": val_auc, "test_accuracy": test_auc, "time_s": 1.0,
-                     "history_dir": f"histories/{trial}", "checkpoint_dir": f"checkpoints/{trial}"})
-    pd.DataFrame(rows).to_csv(exp / "results.csv", index=False)
-    (exp / "config.yaml").write_text(yaml.safe_dump({"name": "fake", "train": {"select_metric": "auc"},
-                                                     "mc": {"passes": 30, "threshold": 0.7}}))
-    (exp / "experiment.json").write_text(json.dumps({
-        "task": "karyogram", "class_names": ["normal", "abnormal"], "positive_class": "abnormal",
-        "mc": {"passes": 30, "threshold": 0.7}, "select_metric": "auc"}))
     return exp
 
 
-def test_export_picks_trial_and_fold_by_validation_metric_and_records_provenance(fake_experiment, tmp_path):
+def _fold_scores(exp_dir: Path, trial: str, metric):
+    """Validation ``metric(labels, preds)`` of each fold of ``trial``, from predictions.parquet."""
+    p = pd.read_parquet(exp_dir / "predictions.parquet")
+    p = p[(p["trial_id"].astype(str) == trial) & (p["split"] == "val")]
+    return {int(k): metric(g["label"], g["pred"]) for k, g in p.groupby("fold")}
+
+
+def test_export_picks_the_reports_best_trial_then_its_best_validation_fold(fake_experiment, tmp_path):
+    from sklearn.metrics import accuracy_score
+
+    from raycyto.analysis import load_experiment, select_best
     from raycyto.serve.export import export_model
 
     out = export_model(fake_experiment, tmp_path / "model")
     doc = json.loads((out / "model.json").read_text())
-    assert doc["marker"] == "B-fold1"  # trial B (val 0.90 > 0.70, despite test 0.60), fold 1 (best epoch 0.93)
-    assert doc["selection"]["trial_id"] == "B" and doc["selection"]["fold"] == 1
-    assert doc["selection"]["fold_val"] == pytest.approx(0.93)
-    assert doc["metrics"]["val"]["auc"] == 0.90 and doc["metrics"]["test"]["auc"] == 0.60
-    assert doc["config"]["name"] == "fake" and doc["mc"]["passes"] == 30 and doc["mc"]["threshold"] == 0.7
-    for key in ("backbone", "finetune", "head", "class_names", "positive_class", "input_size", "mean", "std"):
+    best = select_best(load_experiment(fake_experiment))["trial_id"]
+    folds = _fold_scores(fake_experiment, best, accuracy_score)
+    fold = max(sorted(folds), key=lambda k: folds[k])  # ties: the lowest fold
+    assert doc["selection"]["trial_id"] == best and doc["selection"]["fold"] == fold
+    assert doc["marker"] == f"{best}-fold{fold}"  # the weights are that fold's checkpoint
+    assert doc["selection"]["rule"] == "accuracy" and doc["selection"]["fold_val"]["value"] == pytest.approx(folds[fold])
+    assert doc["config"]["name"] == "fabricated" and doc["mc"]["passes"] == 30 and doc["mc"]["threshold"] == 0.7
+    for key in ("backbone", "finetune", "head", "class_names", "positive_class", "preprocess", "input_size"):
         assert key in doc, key
     assert all(len(sha) == 64 for sha in doc["files"].values()) and doc["files"]
 
 
-def test_export_honours_best_metric_and_explicit_trial(fake_experiment, tmp_path):
+def test_export_honours_select_and_explicit_trial(fake_experiment, tmp_path):
+    from raycyto.errors import RaycytoError
     from raycyto.serve.export import export_model
 
-    by_loss = json.loads((export_model(fake_experiment, tmp_path / "m1", best="loss") / "model.json").read_text())
-    assert by_loss["selection"]["trial_id"] == "B" and by_loss["selection"]["metric"] == "val_loss"
-    named = json.loads((export_model(fake_experiment, tmp_path / "m2", trial="A") / "model.json").read_text())
-    assert named["marker"] == "A-fold0"  # fold 0 has the better validation AUC (0.71)
+    by_loss = json.loads((export_model(fake_experiment, tmp_path / "m1", select="loss") / "model.json").read_text())
+    assert by_loss["selection"]["rule"] == "loss"
+    some = read_csv(fake_experiment / "results.csv")["trial_id"].iloc[-1]
+    named = json.loads((export_model(fake_experiment, tmp_path / "m2", trial=some) / "model.json").read_text())
+    assert named["selection"]["trial_id"] == some and named["marker"].startswith(f"{some}-fold")
+    assert named["selection"]["named"] is True
     with pytest.raises(ConfigError, match="--trial"):
         export_model(fake_experiment, tmp_path / "m3", trial="Z")
-    with pytest.raises(ConfigError, match="unknown metric"):
-        export_model(fake_experiment, tmp_path / "m4", best="f2")
+    with pytest.raises(RaycytoError, match="unknown metric"):
+        export_model(fake_experiment, tmp_path / "m4", select="f2")
 
 
 def test_loading_refuses_a_tampered_export(fake_experiment, tmp_path):
@@ -105,21 +104,21 @@ def test_export_cli_writes_the_bundle(fake_experiment, tmp_path):
 
     res = CliRunner().invoke(app, ["export", str(fake_experiment), "--out", str(tmp_path / "cli_model")])
     assert res.exit_code == 0, res.output
-    assert "trial B fold 1" in res.output and (tmp_path / "cli_model" / "model.json").is_file()
+    doc = json.loads((tmp_path / "cli_model" / "model.json").read_text())
+    assert f"trial {doc['selection']['trial_id']}, fold {doc['selection']['fold']}" in res.output
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "results.csv" in bad.output
+    assert bad.exit_code == 2 and "raycyto sweep" in bad.output
 
 
 def test_export_of_a_real_sweep_serves_offline(tiny_experiment, karyo_dir, tmp_path):
     from raycyto.serve.export import export_model
     from raycyto.serve.predict import LocalPredictor
 
+    from raycyto.analysis import load_experiment, select_best
+
     out = export_model(tiny_experiment, tmp_path / "model")
     doc = json.loads((out / "model.json").read_text())
-    results = read_csv(tiny_experiment / "results.csv")
-    col = doc["selection"]["metric"]
-    best = results.loc[pd.to_numeric(results[col], errors="coerce").idxmax()]
-    assert doc["selection"]["trial_id"] == str(best["trial_id"])
+    assert doc["selection"]["trial_id"] == select_best(load_experiment(tiny_experiment))["trial_id"]
     assert set(doc["class_names"]) == {"abnormal", "normal"} and doc["positive_class"] == "abnormal"
     assert doc["mc"]["passes"] == 10 and doc["config"]
     image = next(p for p in sorted(karyo_dir.rglob("*.png")))
@@ -140,7 +139,7 @@ def test_export_to_an_object_store_uri_serves_from_it(fake_experiment, tmp_path)
     uri = (tmp_path / "bucket" / "model").as_uri()
     res = CliRunner().invoke(app, ["export", str(fake_experiment), "--out", uri])
     assert res.exit_code == 0, res.output
-    assert "trial B fold 1" in res.output and (tmp_path / "bucket" / "model" / "model.json").is_file()
+    assert (tmp_path / "bucket" / "model" / "model.json").is_file()
     assert resolve_model_dir(uri + "/") == uri
 
     import cv2
@@ -201,13 +200,11 @@ def test_app_args_reject_unknown_fields_and_bad_model_dir(tmp_path):
 # ------------------------------------------------------------------------ chunking
 
 
-def test_chunk_plan_covers_all_passes_with_distinct_deterministic_seeds():
-    from raycyto.serve.predict import chunk_plan, resolve_fan_out
+def test_chunk_plan_covers_every_pass_once_in_order():
+    from raycyto.serve.predict import Chunk, chunk_plan, resolve_fan_out
 
     plan = chunk_plan(100, 3, seed=5)
-    assert [n for n, _ in plan] == [34, 33, 33]
-    assert len({s for _, s in plan}) == 3 and plan == chunk_plan(100, 3, seed=5)
-    assert chunk_plan(100, 3, seed=6) != plan
+    assert plan == [Chunk(0, 34, 5), Chunk(34, 33, 5), Chunk(67, 33, 5)]
     assert len(chunk_plan(2, 8, seed=0)) == 2  # never more chunks than passes
     assert resolve_fan_out(None, "head", 4) == 1 and resolve_fan_out(None, "full", 4) == 4
     assert resolve_fan_out(3, "head", 4) == 3
@@ -228,3 +225,5 @@ def test_offline_predictor_is_deterministic_per_seed_and_chunking(classifier, tm
     assert a == b
     assert a["probabilities"] != other["probabilities"]
     assert a["replicas"] == {"count": 1, "chunks": 2, "ids": ["in-process"]}
+    one = p.predict_bytes(png, passes=50, seed=3, fan_out=1)  # passes are seeded per pass: chunking is invisible
+    assert {k: one[k] for k in ("probabilities", "confidence", "std")} == {k: a[k] for k in ("probabilities", "confidence", "std")}

@@ -19,7 +19,7 @@ _API = {
     "Experiment": "load", "ExperimentError": "load", "load_experiment": "load",
     "summary_table": "tables", "per_class_table": "tables", "folds_table": "tables",
     "hpo_table": "tables", "mispredictions_table": "tables", "selection_table": "tables",
-    "select_best": "tables", "threshold_for_recall": "tables", "default_metric": "tables",
+    "select_best": "tables", "threshold_for_recall": "tables", "SelectionRule": "selection",
     "write_report": "report",
 }
 __all__ = sorted(_API)

@@ -9,11 +9,14 @@ import typer
 
 
 def report(
-    exp_dir: Path = typer.Argument(..., help="Experiment directory written by `raycyto sweep`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default EXP_DIR/report)."),
+    exp_dir: Path = typer.Argument(..., help="Experiment folder written by `raycyto sweep`, or a main-job "
+                                   "folder such as runs/demo (its experiment/ is used)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default EXP_DIR/report, or "
+                                       "runs/demo/report for a main-job folder)."),
     select: Optional[str] = typer.Option(
-        None, "--select", help="Validation metric picking the best configuration: accuracy, "
-        "precision, recall, f1, auc or loss (default: recall for binary, f1 for multiclass)."),
+        None, "--select", help="Selection rule, the same as `raycyto export --select`: a validation "
+        "metric (accuracy, balanced_accuracy, precision, recall, specificity, f1, auc, loss) or a "
+        "constrained rule such as recall@specificity>=0.9 (default: the sweep's search metric)."),
     target_recall: Optional[float] = typer.Option(
         None, "--target-recall", help="Also report the smallest MC threshold reaching this "
         "recall on validation predictions, and the referral rate it costs."),
@@ -21,7 +24,7 @@ def report(
 ) -> None:
     """Write summary/per_class/folds/hpo/mispredictions CSVs, PNG figures and report.html.
 
-    Example: raycyto report runs/karyo --select recall --target-recall 0.95
+    Example: raycyto report runs/demo --select 'recall@specificity>=0.8' --target-recall 0.95
     """
     from rich.console import Console
 
@@ -30,7 +33,7 @@ def report(
 
     console = Console(stderr=True)
     try:
-        path = write_report(exp_dir, out, metric=select, target_recall=target_recall,
+        path = write_report(exp_dir, out, select=select, target_recall=target_recall,
                             progress=not quiet)
     except RaycytoError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
@@ -45,6 +48,9 @@ def report(
                   f"{best['trial_id']}); test accuracy {best['accuracy_mean']:.3f} ± "
                   f"{best['accuracy_std']:.3f}, recall {best['recall_mean']:.3f} ± "
                   f"{best['recall_std']:.3f}", highlight=False, soft_wrap=True)
+    for _, b in summary[summary["baseline"].astype(bool)].iterrows():
+        console.print(f"baseline {b['config']}: test accuracy {b['accuracy_mean']:.3f} ± "
+                      f"{b['accuracy_std']:.3f}", highlight=False, soft_wrap=True)
     if target_recall is not None:
         t = read_csv(path.parent / "thresholds.csv")
         t = t[t["best"]].iloc[0]

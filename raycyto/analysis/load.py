@@ -103,6 +103,28 @@ class Experiment:
         """Rows with split == 'test'."""
         return self.predictions[self.predictions["split"] == "test"]
 
+    @cached_property
+    def baseline_mask(self) -> pd.Series:
+        """Per trial_id: True for baselines (the linear probe), never selected or exported
+        unless named (results.csv ``baseline``; older sweeps: head == "probe")."""
+        res = self.results.set_index("trial_id")
+        if "baseline" in res:
+            return res["baseline"].astype(str).str.lower().isin(("true", "1"))
+        return res["head"].astype(str) == "probe"
+
+    @cached_property
+    def mc_dropout_mask(self) -> pd.Series:
+        """Per trial_id: True when the model's MC passes can differ (dropout at prediction time).
+
+        results.csv ``mc_dropout``; older sweeps: whether any MC confidence is below 1.
+        Configurations without it have no referral figures (NaN, "no MC dropout").
+        """
+        res = self.results.set_index("trial_id")
+        if "mc_dropout" in res:
+            return res["mc_dropout"].astype(str).str.lower().isin(("true", "1"))
+        varies = self.predictions.groupby("trial_id")["mc_confidence"].min() < 1.0
+        return varies.reindex(res.index).fillna(False).astype(bool)
+
     def history(self, trial_id: str) -> dict[int, pd.DataFrame]:
         """Per-epoch history of one trial, ``{fold: DataFrame}``; empty when none was written."""
         folder = self.exp_dir / "histories" / str(trial_id)
@@ -114,6 +136,34 @@ class Experiment:
                 continue
             out[fold] = read_csv(path)
         return out
+
+
+MAIN_JOB_EXPERIMENT = "experiment"   # raycyto run writes runs/<task>/{data,experiment,report,model}
+
+
+def resolve_experiment_dir(path: str | Path) -> Path:
+    """An experiment folder, or a main-job folder (``runs/demo``) -> the experiment folder.
+
+    Raises:
+        ExperimentError: neither ``path`` nor ``path/experiment`` holds results.csv.
+    """
+    path = Path(path)
+    if (path / "results.csv").is_file() or not (path / MAIN_JOB_EXPERIMENT / "results.csv").is_file():
+        return path  # load_experiment names what is missing
+    return path / MAIN_JOB_EXPERIMENT
+
+
+def main_job_root(exp_dir: str | Path) -> Path | None:
+    """``runs/demo`` for a main job's ``runs/demo/experiment``, else None."""
+    exp_dir = Path(exp_dir)
+    if exp_dir.name == MAIN_JOB_EXPERIMENT and (exp_dir.parent / "data").is_dir():
+        return exp_dir.parent
+    return None
+
+
+def default_report_dir(exp_dir: str | Path) -> Path:
+    """``runs/demo/report`` beside a main job's experiment folder, else ``EXP_DIR/report``."""
+    return (main_job_root(exp_dir) or Path(exp_dir)) / "report"
 
 
 def _fail(path: Path, message: str) -> ExperimentError:
@@ -225,7 +275,7 @@ def load_experiment(exp_dir: str | Path, progress: bool = False) -> Experiment:
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise ExperimentError(f"{exp_dir}: not a directory; pass the EXP_DIR written by "
-                              "`raycyto sweep`")
+                              "`raycyto sweep` (or a main-job folder such as runs/demo)")
     missing = [f for f in REQUIRED_FILES if not (exp_dir / f).is_file()]
     if missing:
         raise ExperimentError(

@@ -143,18 +143,52 @@ def _accuracy(y, yp, probs, positive) -> float:
     return float(accuracy_score(y, yp))
 
 
+def _balanced_accuracy(y, yp, probs, positive) -> float:
+    """Mean recall over the classes present in ``y`` (scikit-learn's balanced accuracy)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true"
+        return float(balanced_accuracy_score(y, yp))
+
+
+def specificity(y_true: np.ndarray, y_pred: np.ndarray, positive: int | None) -> float:
+    """Binary tasks: recall of the negative class (TN / (TN + FP)); NaN without a positive class
+    or without negative cases."""
+    if positive is None:
+        return float("nan")
+    neg = np.asarray(y_true) != positive
+    if not neg.any():
+        return float("nan")
+    return float(np.mean(np.asarray(y_pred)[neg] != positive))
+
+
+def log_loss_of(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Cross-entropy of probabilities [N, C] (rows renormalised, clipped at 1e-7); NaN if empty."""
+    from sklearn.metrics import log_loss
+
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs) == 0:
+        return float("nan")
+    probs = np.clip(probs, 1e-7, None)
+    probs = probs / probs.sum(1, keepdims=True)
+    return float(log_loss(np.asarray(y_true), probs, labels=list(range(probs.shape[1]))))
+
+
 def _prf_one(index: int) -> Callable:
     return lambda y, yp, probs, positive: _prf(y, yp, probs.shape[1], positive)[index]
 
 
 # Metric registry for selection: name -> (fn(y [N], pred [N], probs [N, C], positive) -> float,
-# higher_is_better). ``None``: only in results.csv (val_loss), lower is better.
+# higher_is_better). Used by raycyto.analysis.selection (one rule for report and export).
 SelectFn = Callable[[np.ndarray, np.ndarray, np.ndarray, "int | None"], float]
-SELECT_METRICS: dict[str, tuple[SelectFn | None, bool]] = {
+SELECT_METRICS: dict[str, tuple[SelectFn, bool]] = {
     "accuracy": (_accuracy, True),
+    "balanced_accuracy": (_balanced_accuracy, True),
     "precision": (_prf_one(0), True),
     "recall": (_prf_one(1), True),
+    "specificity": (lambda y, yp, probs, positive: specificity(y, yp, positive), True),
     "f1": (_prf_one(2), True),
     "auc": (lambda y, yp, probs, positive: auc_score(y, probs, positive)[0], True),
-    "loss": (None, False),
+    "loss": (lambda y, yp, probs, positive: log_loss_of(y, probs), False),
 }

@@ -12,8 +12,8 @@ from raycyto.analysis import plots
 from raycyto.analysis.html import Section, render_html
 from raycyto.analysis.load import Experiment, load_experiment
 from raycyto.analysis.metrics import SUMMARY_METRICS, confusion, recall_of
-from raycyto.analysis.tables import (default_metric, folds_table, hpo_table, mispredictions_table,
-                                     per_class_table, select_best, selection_table, summary_table,
+from raycyto.analysis.tables import (folds_table, hpo_table, mispredictions_table, per_class_table,
+                                     resolve_rule, select_best, selection_table, summary_table,
                                      threshold_for_recall)
 from raycyto.analysis.uncertainty import (expected_calibration_error, referral_curve,
                                           reliability_bins, top_label)
@@ -103,15 +103,16 @@ def _figure_jobs(exp: Experiment, best: pd.Series, summary: pd.DataFrame, hpo: p
     return jobs
 
 
-def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
+def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select: str | None = None,
                  target_recall: float | None = None, progress: bool = False) -> Path:
     """Write summary/per_class/folds/hpo/mispredictions/selection CSVs, PNG figures and report.html.
 
     Args:
-        exp_dir: experiment directory written by ``raycyto sweep``.
-        out_dir: where to write (default ``exp_dir/report``).
-        metric: validation metric selecting the trial per cell and the best configuration
-            (default: positive-class recall for binary tasks, macro F1 otherwise).
+        exp_dir: experiment directory written by ``raycyto sweep``, or a main-job folder
+            (``runs/demo``) holding one in ``experiment/``.
+        out_dir: where to write (default ``exp_dir/report``; ``runs/demo/report`` for a main-job folder).
+        select: the selection rule (:mod:`raycyto.analysis.selection`; default: the sweep's
+            search metric), the same one ``raycyto export`` uses.
         target_recall: also write thresholds.csv with the smallest MC threshold reaching this
             recall on validation predictions, its referral rate, and what it gives on test.
         progress: rich progress bars.
@@ -119,10 +120,13 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, metric:
     Returns:
         Path of report.html.
     """
+    from raycyto.analysis.load import default_report_dir, resolve_experiment_dir
+
+    exp_dir = resolve_experiment_dir(exp_dir)
     exp = load_experiment(exp_dir, progress=progress)
-    out = Path(out_dir) if out_dir is not None else Path(exp_dir) / "report"
+    out = Path(out_dir) if out_dir is not None else default_report_dir(exp_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metric = metric or default_metric(exp)
+    metric = resolve_rule(exp, select)
 
     selection = selection_table(exp, metric)
     best = select_best(exp, metric)
@@ -143,7 +147,8 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, metric:
     sections = [
         Section("summary: test folds of the trial selected per configuration", summary,
                 summary["best"].to_numpy(),
-                f"selected on validation {metric} only; highlighted: best configuration. "
+                f"selected by {metric.describe()}, on validation folds only; highlighted: the "
+                "best configuration (the one `raycyto export` exports); baseline rows: the linear probe. "
                 "Binary: positive-class precision/recall/F1; multiclass: macro averages. "
                 "std = sample std over folds."),
     ]
@@ -160,7 +165,7 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, metric:
                 is_best(tables["mispredictions"]) if len(tables["mispredictions"]) else None),
     ]
     notes = [f"experiment: {exp.exp_dir}",
-             f"best configuration on validation {metric}: {best['config']} "
+             f"best configuration by {metric.describe()}: {best['config']} "
              f"(trial {best['trial_id']}, validation {metric} {best['val_score']:.4g})"]
     page = render_html(exp, f"raycyto report: {exp.meta.get('task', '')} "
                             f"({', '.join(exp.class_names)})", sections,

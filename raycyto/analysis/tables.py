@@ -1,30 +1,38 @@
 """The report's tables as pandas DataFrames (summary, per_class, folds, hpo, mispredictions,
 selection, thresholds).
 
-Selection reads validation data only (``Experiment.val_predictions`` and the ``val_``
-columns of results.csv): per (backbone, finetune, head) cell the search sample with the
-best validation metric is selected, and only then are its test folds scored.
-Spreads are the sample standard deviation over folds (pandas ``std``, ddof=1).
+Selection reads validation data only, under the one rule of :mod:`raycyto.analysis.selection`
+(the same rule ``raycyto export`` uses): per (backbone, finetune, head) cell the search sample
+with the best validation score is selected, the best cell is highlighted, and only then are
+test folds scored. Baselines (head ``probe``) get their own rows, marked ``baseline``, and
+are never the best. Spreads are the sample standard deviation over folds (ddof=1).
 """
 
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
 import pandas as pd
 
-from raycyto.analysis.load import CELL, FAILED_STATUSES, Experiment, ExperimentError
-from raycyto.analysis.metrics import (SELECT_METRICS, SUMMARY_METRICS, classification_metrics,
-                                      per_class_metrics)
+from raycyto.analysis.load import CELL, Experiment, ExperimentError
+from raycyto.analysis.metrics import SUMMARY_METRICS, classification_metrics, per_class_metrics
+from raycyto.analysis.selection import SelectionRule, rank_trials, trial_scores
 from raycyto.analysis.uncertainty import (apply_threshold, expected_calibration_error,
                                           referral_at, smallest_threshold_for_recall, top_label)
 
-FOLD_METRICS = (*SUMMARY_METRICS, "referral_rate", "accuracy_kept", "ece")
+FOLD_METRICS = (*SUMMARY_METRICS, "balanced_accuracy", "referral_rate", "accuracy_kept", "ece")
 PER_CLASS_METRICS = ("precision", "recall", "f1")
+NO_MC = "no MC dropout: every pass agrees, so no case is referred (referral figures left empty)"
+Rule = Union[SelectionRule, str, None]
 
 
-def default_metric(exp: Experiment) -> str:
-    """Positive-class recall for binary tasks, macro F1 otherwise."""
-    return "recall" if exp.binary else "f1"
+def resolve_rule(exp: Experiment, rule: Rule = None) -> SelectionRule:
+    """``None`` -> the experiment's default rule; text -> parsed; checked against the task."""
+    rule = SelectionRule.default(exp) if rule is None else (
+        rule if isinstance(rule, SelectionRule) else SelectionRule.parse(rule))
+    rule.check(exp)
+    return rule
 
 
 def config_name(backbone: str, finetune: str, head: str) -> str:
@@ -32,97 +40,64 @@ def config_name(backbone: str, finetune: str, head: str) -> str:
     return f"{backbone}/{finetune}/{head}"
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in SELECT_METRICS:
-        raise ExperimentError(f"--select {metric!r}: unknown metric; choose one of "
-                              f"{sorted(SELECT_METRICS)}")
-
-
-def trial_scores(exp: Experiment, metric: str | None = None) -> pd.Series:
-    """Validation score of every trial (fold mean), indexed by trial_id; NaN if unusable.
-
-    Computed from split == 'val' predictions; falls back to results.csv ``val_<metric>``
-    for a trial without validation predictions, and always for ``loss``.
-    """
-    metric = metric or default_metric(exp)
-    _check_metric(metric)
-    key = ("scores", metric)
-    if key in exp.cache:
-        return exp.cache[key]
-    fn, _ = SELECT_METRICS[metric]
-    res = exp.results.set_index("trial_id")
-    col = f"val_{metric}"
-    scores = pd.to_numeric(res[col], errors="coerce") if col in res else \
-        pd.Series(np.nan, index=res.index)
-    if fn is not None:
-        val = exp.val_predictions
-        groups = val.groupby("trial_id", sort=False)
-        for trial, rows in exp.track(groups, groups.ngroups, f"validation {metric} per trial"):
-            per_fold = [fn(g["label"].to_numpy(), g["pred"].to_numpy(),
-                           g[exp.prob_columns].to_numpy(), exp.positive)
-                        for _, g in rows.groupby("fold")]
-            scores[trial] = float(np.nanmean(per_fold)) if not np.all(np.isnan(per_fold)) \
-                else np.nan
-    failed = res["status"].astype(str).str.lower().isin(FAILED_STATUSES)
-    scores[failed] = np.nan
-    exp.cache[key] = scores.astype(float)
-    return exp.cache[key]
-
-
-def _rank(df: pd.DataFrame, score: str, higher_better: bool) -> pd.DataFrame:
-    """Best first: score (NaN last), then lower val_loss, then trial_id (deterministic)."""
-    order = df.assign(_s=df[score] * (-1 if higher_better else 1),
-                      _l=pd.to_numeric(df.get("val_loss", np.nan), errors="coerce"))
-    return order.sort_values(["_s", "_l", "trial_id"], na_position="last").drop(columns=["_s", "_l"])
-
-
-def selection_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
-    """The selected trial per (backbone, finetune, head) cell, on validation metrics only.
+def selection_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
+    """The selected trial per (backbone, finetune, head) cell, on validation predictions only.
 
     Returns:
         One row per cell: config, backbone, finetune, head, trial_id, lr, batch_size,
-        samples (search samples in the cell), select_metric, val_score, best (bool; the
-        cell with the best validation score), ordered best first.
+        samples (search samples in the cell), select_metric (the rule), val_score, baseline,
+        mc_dropout, best (bool; the trial the rule selects, never a baseline), ordered best first.
     """
-    metric = metric or default_metric(exp)
-    higher = SELECT_METRICS[metric][1] if metric in SELECT_METRICS else True
-    scores = trial_scores(exp, metric)
+    rule = resolve_rule(exp, rule)
+    key = ("selection", str(rule))
+    if key in exp.cache:
+        return exp.cache[key]
+    scores = trial_scores(exp, rule)
     res = exp.results.copy()
-    res["val_score"] = res["trial_id"].map(scores)
+    for col in ("score", "val_loss", "baseline", "mc_dropout"):
+        res[col] = res["trial_id"].map(scores[col])
     picked = []
     for _, cell in res.groupby(CELL, sort=True):
-        best = _rank(cell, "val_score", higher).iloc[0].copy()
+        best = rank_trials(cell, rule).iloc[0].copy()
         best["samples"] = len(cell)
         picked.append(best)
-    table = _rank(pd.DataFrame(picked), "val_score", higher)
+    table = rank_trials(pd.DataFrame(picked), rule)
     table.insert(0, "config", [config_name(*r) for r in table[CELL].itertuples(index=False)])
-    table["select_metric"] = metric
-    table["best"] = False
-    if table["val_score"].notna().any():
-        table.iloc[0, table.columns.get_loc("best")] = True
+    table["select_metric"] = str(rule)
+    table["val_score"] = table["score"]
+    trained = table[~table["baseline"].astype(bool) & table["score"].notna()]
+    table["best"] = table["trial_id"] == (trained["trial_id"].iloc[0] if len(trained) else None)
     cols = ["config", *CELL, "trial_id", "lr", "batch_size", "samples", "select_metric",
-            "val_score", "best"]
-    return table[cols].reset_index(drop=True)
+            "val_score", "baseline", "mc_dropout", "best"]
+    exp.cache[key] = table[cols].reset_index(drop=True)
+    return exp.cache[key]
 
 
-def select_best(exp: Experiment, metric: str | None = None) -> pd.Series:
+def select_best(exp: Experiment, rule: Rule = None) -> pd.Series:
     """The best configuration on validation data (a row of :func:`selection_table`).
 
     Raises:
-        ExperimentError: no trial has a usable validation score.
+        ExperimentError: no trained configuration has a usable validation score.
     """
-    table = selection_table(exp, metric)
+    table = selection_table(exp, rule)
     if not table["best"].any():
-        raise ExperimentError(f"{exp.exp_dir}: no trial has a validation "
-                              f"{metric or default_metric(exp)} to select on")
+        raise ExperimentError(f"{exp.exp_dir}: no trained configuration has a usable validation "
+                              f"score under the rule {resolve_rule(exp, rule)}")
     return table[table["best"]].iloc[0]
 
 
-def _fold_row(exp: Experiment, g: pd.DataFrame) -> dict:
+def _fold_row(exp: Experiment, g: pd.DataFrame, mc_dropout: bool) -> dict:
+    from raycyto.analysis.metrics import SELECT_METRICS
+
     y = g["label"].to_numpy()
     probs = g[exp.prob_columns].to_numpy(dtype=float)   # [N, C]
     values, notes = classification_metrics(y, g["pred"].to_numpy(), probs, exp.positive)
-    rate, acc_kept = referral_at(y, g["mc_label"].to_numpy(), g["refer"].to_numpy())
+    values["balanced_accuracy"] = SELECT_METRICS["balanced_accuracy"][0](y, g["pred"].to_numpy(), probs, exp.positive)
+    if mc_dropout:
+        rate, acc_kept = referral_at(y, g["mc_label"].to_numpy(), g["refer"].to_numpy())
+    else:
+        rate, acc_kept = np.nan, np.nan
+        notes.append(NO_MC)
     correct, conf = top_label(probs, y)
     row = {"n": len(g), **values, "referral_rate": rate, "accuracy_kept": acc_kept,
            "ece": expected_calibration_error(correct, conf)}
@@ -134,40 +109,42 @@ def _fold_row(exp: Experiment, g: pd.DataFrame) -> dict:
     return row
 
 
-def folds_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
+def folds_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     """Every test metric per fold of every selected configuration.
 
     Returns:
         One row per (config, fold): config, backbone, finetune, head, trial_id, fold, n,
-        accuracy, precision, recall, f1, auc, referral_rate, accuracy_kept, ece,
-        precision_<class>, recall_<class>, f1_<class>, support_<class>, notes.
+        accuracy, precision, recall, f1, auc, balanced_accuracy, referral_rate,
+        accuracy_kept (NaN without MC dropout), ece, precision_<class>, recall_<class>,
+        f1_<class>, support_<class>, notes.
     """
-    key = ("folds", metric or default_metric(exp))
+    key = ("folds", str(resolve_rule(exp, rule)))
     if key in exp.cache:
         return exp.cache[key]
-    sel = selection_table(exp, metric)
+    sel = selection_table(exp, rule)
     test = exp.test_predictions
     rows = []
     for s in exp.track(sel.itertuples(index=False), len(sel), "test metrics per configuration"):
         for fold, g in test[test["trial_id"] == s.trial_id].groupby("fold"):
             rows.append({"config": s.config, "backbone": s.backbone, "finetune": s.finetune,
                          "head": s.head, "trial_id": s.trial_id, "fold": int(fold),
-                         **_fold_row(exp, g)})
+                         **_fold_row(exp, g, bool(s.mc_dropout))})
     exp.cache[key] = pd.DataFrame(rows)
     return exp.cache[key]
 
 
-def summary_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
+def summary_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     """One row per configuration: test metrics of its selected trial as fold mean and std.
 
     Returns:
         config, backbone, finetune, head, trial_id, lr, batch_size, samples, select_metric,
-        val_score, best, folds, <m>_mean, <m>_std for m in accuracy, precision, recall,
-        f1, auc, referral_rate, accuracy_kept, ece; notes. Binary: positive-class
+        val_score, baseline, mc_dropout, best, folds, <m>_mean, <m>_std for m in accuracy,
+        precision, recall, f1, auc, balanced_accuracy, referral_rate, accuracy_kept, ece
+        (referral columns NaN without MC dropout); notes. Binary: positive-class
         precision/recall/F1; multiclass: macro averages and one-vs-rest macro AUC.
     """
-    sel = selection_table(exp, metric)
-    folds = folds_table(exp, metric)
+    sel = selection_table(exp, rule)
+    folds = folds_table(exp, rule)
     out = sel.copy()
     out["folds"] = 0
     for m in FOLD_METRICS:
@@ -183,21 +160,26 @@ def summary_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
         for m in FOLD_METRICS:
             out.at[i, f"{m}_mean"] = f[m].mean()
             out.at[i, f"{m}_std"] = f[m].std()
-        notes = [f"fold {r.fold}: {r.notes}" for r in f.itertuples() if r.notes]
+        fold_notes = [(r.fold, [n for n in r.notes.split("; ") if n and n != NO_MC]) for r in f.itertuples()]
+        notes = [f"fold {k}: {'; '.join(n)}" for k, n in fold_notes if n]
+        if not s["mc_dropout"]:
+            notes.insert(0, NO_MC)
+        if s["baseline"]:
+            notes.insert(0, "baseline: logistic regression on the standardised frozen features")
         if pd.isna(s["val_score"]):
-            notes.insert(0, "no trial of this cell has a usable validation score (failed?)")
+            notes.insert(0, "no usable validation score under the selection rule (failed, or below its floor)")
         out.at[i, "notes"] = "; ".join(notes)
     return out
 
 
-def per_class_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
+def per_class_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     """Per class precision / recall / F1 as fold mean and std, per configuration.
 
     Returns:
         config, class, precision_mean, precision_std, recall_mean, recall_std, f1_mean,
         f1_std, support (test cases of the class over all folds), folds.
     """
-    folds = folds_table(exp, metric)
+    folds = folds_table(exp, rule)
     rows = []
     for config, f in (folds.groupby("config", sort=False) if len(folds) else []):
         for c in exp.class_names:
@@ -211,22 +193,23 @@ def per_class_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def hpo_table(exp: Experiment, metric: str | None = None) -> pd.DataFrame:
+def hpo_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     """Every search sample with its validation metrics (results.csv, test columns left out).
 
     Returns:
         results.csv's columns except ``test_*``, plus config, selection_score (the
         validation score selection used) and selected (bool).
     """
-    sel = selection_table(exp, metric)
+    rule = resolve_rule(exp, rule)
+    sel = selection_table(exp, rule)
     res = exp.results.loc[:, [c for c in exp.results.columns if not c.startswith("test_")]].copy()
     res.insert(0, "config", [config_name(*r) for r in res[CELL].itertuples(index=False)])
-    res["selection_score"] = res["trial_id"].map(trial_scores(exp, metric))
+    res["selection_score"] = res["trial_id"].map(trial_scores(exp, rule)["score"])
     res["selected"] = res["trial_id"].isin(sel["trial_id"])
     return res
 
 
-def mispredictions_table(exp: Experiment, metric: str | None = None,
+def mispredictions_table(exp: Experiment, rule: Rule = None,
                          best_only: bool = False) -> pd.DataFrame:
     """Wrongly predicted test cases (MC vote != label) of the selected configurations.
 
@@ -235,7 +218,7 @@ def mispredictions_table(exp: Experiment, metric: str | None = None,
         mean probability of the predicted class; the deterministic one when the file has
         no mc_mean_* columns), mc_confidence, referred; most confident mistakes first.
     """
-    sel = selection_table(exp, metric)
+    sel = selection_table(exp, rule)
     if best_only:
         sel = sel[sel["best"]]
     test = exp.test_predictions
@@ -260,7 +243,7 @@ def mispredictions_table(exp: Experiment, metric: str | None = None,
                            ascending=[True, False, True]).reset_index(drop=True)
 
 
-def threshold_for_recall(exp: Experiment, target: float, metric: str | None = None) -> pd.DataFrame:
+def threshold_for_recall(exp: Experiment, target: float, rule: Rule = None) -> pd.DataFrame:
     """Smallest MC-confidence threshold reaching ``target`` recall on validation predictions.
 
     Recall is positive-class recall (macro recall when the task has no positive class) of the
@@ -274,7 +257,8 @@ def threshold_for_recall(exp: Experiment, target: float, metric: str | None = No
     """
     if not 0 < target <= 1:
         raise ExperimentError(f"--target-recall {target}: must be in (0, 1]")
-    sel = selection_table(exp, metric)
+    sel = selection_table(exp, rule)
+    sel = sel[sel["mc_dropout"].astype(bool)]  # a threshold on MC confidence needs varying passes
     rows = []
     for s in sel.itertuples(index=False):
         val = exp.val_predictions[exp.val_predictions["trial_id"] == s.trial_id]

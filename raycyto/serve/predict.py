@@ -1,10 +1,13 @@
 """The prediction core shared by the Serve deployments and offline ``raycyto predict``.
 
-One request = embed once (preprocess, and the backbone when the MC scope is "head") ->
-T stochastic passes split into chunks, each chunk seeded from (seed, number of chunks,
-chunk index) -> concatenate ``[T, C]`` -> :func:`raycyto.models.mc.summarize` -> JSON.
-Serve runs the chunks on MC-head replicas; :class:`LocalPredictor` runs them in-process
-in the same order with the same seeds, so both give the same numbers.
+One request = embed once (the bundle's :class:`~raycyto.models.preprocessing.Preprocess`, and
+the backbone when the MC scope is "head") -> T stochastic passes, optionally split into
+chunks of consecutive pass indices -> concatenate ``[T, C]`` ->
+:func:`raycyto.models.mc.summarize` -> JSON. Pass ``t`` is seeded from (seed, t) alone
+(:class:`raycyto.models.mc.MCState`), so the answer does not depend on the chunking or on
+the replicas. The default seed is the one the sweep used for the exported fold's
+predictions (``model.json["mc"]["seed"]``), so an exported model reproduces
+predictions.parquet's MC columns as well as its probabilities.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -30,17 +33,18 @@ def _embed_full(model: Any, x: Any) -> Any:
     return x  # [N, 3, S, S]: every MC pass runs the whole network
 
 
-def _passes_head(model: Any, x: Any, n: int, seed: int) -> np.ndarray:
+def _passes_head(model: Any, x: Any, chunk: "Chunk") -> np.ndarray:
     from raycyto.models.mc import mc_predict
 
     # features given: the passes run feature dropout + head only (classify_features)
-    return mc_predict(model, None, passes=n, scope="head", seed=seed, features=x)  # [1, n, C]
+    return mc_predict(model, None, passes=chunk.count, scope="head", seed=chunk.seed, features=x,
+                      first=chunk.first)  # [N, n, C]
 
 
-def _passes_full(model: Any, x: Any, n: int, seed: int) -> np.ndarray:
+def _passes_full(model: Any, x: Any, chunk: "Chunk") -> np.ndarray:
     from raycyto.models.mc import mc_predict
 
-    return mc_predict(model, x, passes=n, scope="full", seed=seed)  # [1, n, C]
+    return mc_predict(model, x, passes=chunk.count, scope="full", seed=chunk.seed, first=chunk.first)  # [N, n, C]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class ScopeOps:
     """What the backbone deployment sends on, and how an MC replica runs its chunk."""
 
     embed: Callable[[Any, Any], Any]                   # (model, [N,3,S,S]) -> [N, ...]
-    passes: Callable[[Any, Any, int, int], np.ndarray]  # (model, [1, ...], n, seed) -> [1, n, C]
+    passes: Callable[[Any, Any, "Chunk"], np.ndarray]  # (model, [N, ...], chunk) -> [N, n, C]
     default_fan_out: Callable[[int], int]               # mc replicas -> chunks per request
 
 
@@ -66,21 +70,27 @@ def resolve_fan_out(fan_out: int | None, scope: str, mc_replicas: int = DEFAULT_
     return int(fan_out) if fan_out else SCOPES[scope].default_fan_out(mc_replicas)
 
 
-def chunk_plan(passes: int, chunks: int, seed: int) -> list[tuple[int, int]]:
-    """Split ``passes`` into at most ``chunks`` near-equal chunks, each with its own seed.
+class Chunk(NamedTuple):
+    """Passes ``first .. first + count - 1`` of a request seeded ``seed``."""
+
+    first: int
+    count: int
+    seed: int
+
+
+def chunk_plan(passes: int, chunks: int, seed: int) -> list[Chunk]:
+    """Split ``passes`` into at most ``chunks`` near-equal runs of consecutive pass indices.
 
     Args:
         passes: T, total stochastic passes (>= 1).
         chunks: requested number of chunks (>= 1); capped at T.
-        seed: request seed; the same (passes, chunks, seed) always gives the same plan.
+        seed: request seed, shared by every chunk (pass ``t`` is seeded from (seed, t)).
     Returns:
-        ``[(n_i, seed_i), ...]`` with ``sum(n_i) == passes``.
+        ``[Chunk(first, count, seed), ...]`` covering passes 0..T-1 in order.
     """
     k = max(1, min(int(chunks), int(passes)))
-    sizes = [len(a) for a in np.array_split(np.arange(passes), k)]
-    seeds = [int(np.random.SeedSequence([int(seed), k, i]).generate_state(1)[0] & 0x7FFFFFFF)
-             for i in range(k)]
-    return list(zip(sizes, seeds))
+    parts = np.array_split(np.arange(int(passes)), k)
+    return [Chunk(int(p[0]), len(p), int(seed)) for p in parts]
 
 
 # ----------------------------------------------------------------------------- model
@@ -125,7 +135,11 @@ class LoadedModel:
         self.ops = SCOPES[self.scope]
         self.default_passes: int = int(mc.get("passes", 100))
         self.default_threshold: float = float(mc.get("threshold", 0.8))
+        self.default_seed: int = int(mc.get("seed", 0))
         self.class_names: list[str] = list(meta["class_names"])
+        from raycyto.models.preprocessing import Preprocess
+
+        self.preprocess = Preprocess.from_bundle(meta, model.spec)
 
     @property
     def info(self) -> dict[str, str]:
@@ -133,7 +147,7 @@ class LoadedModel:
         return {"name": self.name, "sha256": self.sha256}
 
     def embed(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Preprocess a batch of images and embed them for the MC passes.
+        """Preprocess a batch of decoded images (the bundle's contract) and embed them.
 
         Args:
             images: uint8 RGB arrays ``[H_i, W_i, 3]`` (sizes may differ).
@@ -142,22 +156,18 @@ class LoadedModel:
         """
         import torch
 
-        from raycyto.models.registry import preprocess
-
-        spec = self.model.spec
-        size = int(self.meta.get("input_size") or spec.input_size)
-        x = torch.cat([preprocess(np.array(im)[None], spec, size) for im in images])  # [N,3,S,S]; copies: Ray arrays are read-only
+        x = self.preprocess(images)  # [N, 3, S, S]
         with torch.no_grad():
             out = self.ops.embed(self.model, x.to(self.device))
         return [np.ascontiguousarray(o, dtype=np.float32) for o in out.detach().cpu().numpy()]
 
-    def run_chunk(self, x: np.ndarray, n: int, seed: int) -> np.ndarray:
-        """Run ``n`` seeded stochastic passes on one embedded image; returns probs ``[n, C]``."""
+    def run_chunk(self, x: np.ndarray, chunk: Chunk) -> np.ndarray:
+        """Run one chunk of seeded stochastic passes on one embedded image; returns probs ``[n, C]``."""
         import torch
 
         xt = torch.from_numpy(np.array(x, dtype=np.float32))[None].to(self.device)  # [1, ...]; writable copy
         with torch.no_grad():
-            probs = self.ops.passes(self.model, xt, int(n), int(seed))  # [1, n, C]
+            probs = self.ops.passes(self.model, xt, chunk)  # [1, n, C]
         return np.asarray(probs, dtype=np.float64)[0]
 
 
@@ -201,16 +211,16 @@ class LocalPredictor:
         model_dir: exported model bundle.
         fan_out: chunks per request (None = the scope default, as the app uses).
         mc_replicas: MC-head replicas the app would run (decides the full-scope default).
-        seed: default request seed.
+        seed: default request seed (None: the bundle's, ``model.json["mc"]["seed"]``).
         max_pixels: decompression-bomb limit.
     """
 
     def __init__(self, model_dir: str | Path, fan_out: int | None = None,
-                 mc_replicas: int = DEFAULT_MC_REPLICAS, seed: int = 0,
+                 mc_replicas: int = DEFAULT_MC_REPLICAS, seed: int | None = None,
                  max_pixels: int | None = None) -> None:
         self.model = LoadedModel(model_dir)
         self.fan_out = resolve_fan_out(fan_out, self.model.scope, mc_replicas)
-        self.seed = seed
+        self.seed = self.model.default_seed if seed is None else int(seed)
         self.max_pixels = max_pixels
 
     def predict_image(self, image: np.ndarray, passes: int | None = None,
@@ -222,7 +232,7 @@ class LocalPredictor:
         threshold = m.default_threshold if threshold is None else threshold
         x = m.embed([image])[0]
         plan = chunk_plan(passes, fan_out or self.fan_out, self.seed if seed is None else seed)
-        probs = np.concatenate([m.run_chunk(x, n, s) for n, s in plan])  # [T, C]
+        probs = np.concatenate([m.run_chunk(x, c) for c in plan])  # [T, C]
         return build_result(probs, threshold, m.class_names, m.info,
                             {"count": 1, "chunks": len(plan), "ids": ["in-process"]})
 

@@ -1,0 +1,224 @@
+"""The one selection rule: which configuration a sweep calls best, which one is exported.
+
+The sweep's summary table, the report's highlight and ``raycyto export`` all rank trials
+with :func:`rank_trials` under one :class:`SelectionRule`, on validation predictions only
+(test folds never choose anything). ``--select`` on ``report`` and ``export`` takes the same
+text.
+
+Rules (``SelectionRule.parse``):
+
+- ``"accuracy"`` / ``"val_accuracy"`` (any metric of :data:`raycyto.analysis.metrics.SELECT_METRICS`):
+  the fold mean of that validation metric; highest wins (lowest for ``loss``).
+- ``"recall@specificity>=0.9"`` (binary tasks; also ``@precision>=``): the highest validation
+  recall among configurations whose fold-mean validation specificity (or precision) reaches
+  the floor. Raw recall alone would reward calling every case positive; such a classifier
+  has specificity 0 and is refused.
+
+Default: the sweep's search metric (``experiment.json["search_metric"]``, e.g. ``val_accuracy``).
+
+Ties, in order: higher score; a configuration with MC dropout (its confidence can refer
+cases) before one without; lower validation loss; trial id. Baselines (the linear probe)
+are ranked but never chosen: they are what the trained heads are compared with.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import pandas as pd
+
+from raycyto.analysis.metrics import SELECT_METRICS
+from raycyto.errors import RaycytoError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raycyto.analysis.load import Experiment
+
+_CONSTRAINED = re.compile(r"^(?P<m>[a-z0-9_]+)@(?P<c>[a-z0-9_]+)>=(?P<f>[0-9.]+)$")
+FLOOR_METRICS = ("specificity", "precision")
+
+
+class SelectionError(RaycytoError):
+    """A bad ``--select`` rule, or no configuration satisfies it."""
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """Score a trial from its validation predictions.
+
+    Attributes:
+        metric: a key of ``SELECT_METRICS`` (``accuracy``, ``recall``, ``auc``, ``loss``...).
+        floor_metric: constrained rule only: ``specificity`` or ``precision``.
+        floor: the value ``floor_metric`` must reach (fold mean).
+    """
+
+    metric: str
+    floor_metric: Optional[str] = None
+    floor: Optional[float] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SelectionRule":
+        """``"val_accuracy"``, ``"auc"`` or ``"recall@specificity>=0.9"`` -> rule.
+
+        Raises:
+            SelectionError: unknown metric or malformed constraint (the message lists the choices).
+        """
+        t = str(text).strip().lower().replace(" ", "")
+        m = _CONSTRAINED.match(t)
+        if m:
+            metric, floor_metric, floor = m["m"].removeprefix("val_"), m["c"], m["f"]
+            if floor_metric not in FLOOR_METRICS:
+                raise SelectionError(f"--select {text!r}: the floor must be on one of {list(FLOOR_METRICS)}")
+            try:
+                value = float(floor)
+            except ValueError:
+                raise SelectionError(f"--select {text!r}: floor {floor!r} is not a number") from None
+            if not 0 < value <= 1:
+                raise SelectionError(f"--select {text!r}: floor must be in (0, 1]")
+            rule = cls(metric, floor_metric, value)
+        else:
+            rule = cls(t.removeprefix("val_"))
+        if rule.metric not in SELECT_METRICS:
+            raise SelectionError(f"--select {text!r}: unknown metric {rule.metric!r}; choose one of "
+                                 f"{sorted(SELECT_METRICS)}, or e.g. 'recall@specificity>=0.9'")
+        return rule
+
+    @classmethod
+    def default(cls, exp: "Experiment") -> "SelectionRule":
+        """The sweep's search metric (what Tune optimised), else validation accuracy."""
+        return cls.parse(exp.meta.get("search_metric") or exp.meta.get("select_metric") or "accuracy")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return SELECT_METRICS[self.metric][1]
+
+    def __str__(self) -> str:
+        if self.floor_metric:
+            return f"{self.metric}@{self.floor_metric}>={self.floor:g}"
+        return self.metric
+
+    def describe(self) -> str:
+        """One line for reports: what the rule does."""
+        if self.floor_metric:
+            return (f"highest validation {self.metric} among configurations whose validation "
+                    f"{self.floor_metric} is at least {self.floor:g} (fold means)")
+        best = "highest" if self.higher_is_better else "lowest"
+        return f"{best} validation {self.metric} (fold mean)"
+
+    def check(self, exp: "Experiment") -> None:
+        """Refuse rules that do not apply to ``exp`` (specificity floors on multiclass tasks)."""
+        if self.floor_metric == "specificity" and not exp.binary:
+            raise SelectionError(f"--select {self}: specificity needs a binary task; "
+                                 f"use e.g. '{self.metric}@precision>={self.floor:g}'")
+
+    def fold_values(self, y: np.ndarray, pred: np.ndarray, probs: np.ndarray,
+                    positive: Optional[int]) -> tuple[float, float]:
+        """(metric, floor metric or NaN) of one fold's validation predictions."""
+        value = SELECT_METRICS[self.metric][0](y, pred, probs, positive)
+        floor = SELECT_METRICS[self.floor_metric][0](y, pred, probs, positive) if self.floor_metric else math.nan
+        return value, floor
+
+    def qualifies(self, floor_value: float) -> bool:
+        """Whether a (fold-mean) floor value meets the constraint (always true without one)."""
+        return self.floor_metric is None or (not math.isnan(floor_value) and floor_value >= self.floor - 1e-12)
+
+
+def fold_scores(exp: "Experiment", rule: SelectionRule) -> pd.DataFrame:
+    """Validation values of the rule per (trial, fold), from split == 'val' predictions.
+
+    Returns:
+        columns trial_id, fold, value, floor, loss (validation log loss).
+    """
+    key = ("fold_scores", str(rule))
+    if key in exp.cache:
+        return exp.cache[key]
+    from raycyto.analysis.metrics import log_loss_of
+
+    rows = []
+    val = exp.val_predictions
+    groups = val.groupby(["trial_id", "fold"], sort=True)
+    for (trial, fold), g in exp.track(groups, groups.ngroups, f"validation {rule} per fold"):
+        y, pred = g["label"].to_numpy(), g["pred"].to_numpy()
+        probs = g[exp.prob_columns].to_numpy(dtype=float)
+        value, floor = rule.fold_values(y, pred, probs, exp.positive)
+        rows.append({"trial_id": trial, "fold": int(fold), "value": value, "floor": floor,
+                     "loss": log_loss_of(y, probs)})
+    exp.cache[key] = pd.DataFrame(rows, columns=["trial_id", "fold", "value", "floor", "loss"])
+    return exp.cache[key]
+
+
+def trial_scores(exp: "Experiment", rule: SelectionRule) -> pd.DataFrame:
+    """One row per trial of results.csv: the rule's fold-mean validation score.
+
+    Returns:
+        indexed by trial_id: value (fold mean), floor (fold mean), val_loss, score (value,
+        NaN when the floor is not met or the trial failed), baseline, mc_dropout.
+    """
+    from raycyto.analysis.load import FAILED_STATUSES
+
+    res = exp.results.set_index("trial_id")
+    folds = fold_scores(exp, rule)
+    means = folds.groupby("trial_id")[["value", "floor", "loss"]].mean()
+    out = pd.DataFrame(index=res.index)
+    out["value"] = means["value"].reindex(res.index)
+    out["floor"] = means["floor"].reindex(res.index)
+    out["val_loss"] = means["loss"].reindex(res.index)
+    fallback = f"val_{rule.metric}"  # a trial without validation predictions: results.csv's fold mean
+    if fallback in res:
+        out["value"] = out["value"].fillna(pd.to_numeric(res[fallback], errors="coerce"))
+    if "val_loss" in res:
+        out["val_loss"] = out["val_loss"].fillna(pd.to_numeric(res["val_loss"], errors="coerce"))
+    ok = out["floor"].map(rule.qualifies).astype(bool)
+    failed = res["status"].astype(str).str.lower().isin(FAILED_STATUSES)
+    out["score"] = out["value"].where(ok & ~failed)
+    out["baseline"] = exp.baseline_mask.reindex(res.index).fillna(False).astype(bool)
+    out["mc_dropout"] = exp.mc_dropout_mask.reindex(res.index).fillna(True).astype(bool)
+    return out
+
+
+def rank_trials(table: pd.DataFrame, rule: SelectionRule) -> pd.DataFrame:
+    """Best first: score (NaN last), MC dropout first, lower val_loss, trial_id.
+
+    Args:
+        table: needs columns trial_id, score, mc_dropout, val_loss.
+    """
+    sign = -1.0 if rule.higher_is_better else 1.0
+    order = table.assign(_s=pd.to_numeric(table["score"], errors="coerce") * sign,
+                         _m=~table["mc_dropout"].astype(bool),
+                         _l=pd.to_numeric(table["val_loss"], errors="coerce"))
+    return order.sort_values(["_s", "_m", "_l", "trial_id"], na_position="last").drop(columns=["_s", "_m", "_l"])
+
+
+def best_trial(exp: "Experiment", rule: SelectionRule) -> pd.Series:
+    """The trial the rule selects (never a baseline).
+
+    Raises:
+        SelectionError: no trained configuration has a usable score (e.g. none meets the floor).
+    """
+    scores = trial_scores(exp, rule).reset_index()
+    ranked = rank_trials(scores[~scores["baseline"]], rule)
+    if ranked.empty or pd.isna(ranked["score"].iloc[0]):
+        why = (f"no trained configuration reaches validation {rule.floor_metric} >= {rule.floor:g}"
+               if rule.floor_metric else f"no trained configuration has a validation {rule.metric}")
+        raise SelectionError(f"{exp.exp_dir}: {why} (rule {rule}); choose another --select")
+    return ranked.iloc[0]
+
+
+def best_fold(exp: "Experiment", rule: SelectionRule, trial_id: str) -> tuple[int, dict[str, float]]:
+    """The fold of ``trial_id`` to export: best validation value under ``rule`` (floor met
+    first), then lower validation loss, then the lowest fold.
+
+    Returns:
+        (fold, {"value", "floor", "loss"} of that fold).
+    """
+    folds = fold_scores(exp, rule)
+    f = folds[folds["trial_id"] == str(trial_id)]
+    if f.empty:
+        raise SelectionError(f"trial {trial_id!r} has no validation predictions to choose a fold from")
+    sign = -1.0 if rule.higher_is_better else 1.0
+    f = f.assign(_q=~f["floor"].map(rule.qualifies).astype(bool), _s=f["value"] * sign)
+    row = f.sort_values(["_q", "_s", "loss", "fold"], na_position="last").iloc[0]
+    return int(row["fold"]), {k: float(row[k]) for k in ("value", "floor", "loss")}
