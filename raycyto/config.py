@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from raycyto.device import PRECISIONS
 from raycyto.errors import ConfigError
@@ -27,7 +27,9 @@ from raycyto.errors import ConfigError
 METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auc")
 #: Fine-tuning modes (mirrors ``raycyto.models.FINETUNE_MODES``; checked against it when present).
 FINETUNE_MODES = ("frozen", "last1", "last2", "full")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+#: ``search.algorithm`` names; ``raycyto.tune.search.SEARCHERS`` implements exactly these.
+SEARCH_ALGORITHMS = ("optuna", "hyperopt", "bayesopt", "random")
 LOSSES = ("cross_entropy",)
 
 
@@ -136,10 +138,15 @@ class GridConfig:
             if head not in self.heads:
                 raise ConfigError(f"{prefix}.head_kwargs.{head}", f"head {head!r} is not in grid.heads")
         try:
-            from raycyto.models.heads import HEADS
+            from raycyto.models.heads import BASELINE_HEADS, HEADS
             from raycyto.models.registry import BACKBONES
         except ImportError:  # models package not installed yet: names checked when used
             return
+        for head in self.heads:
+            if head in BASELINE_HEADS:
+                raise ConfigError(f"{prefix}.heads", f"{head!r} is the baseline every frozen-backbone sweep "
+                                                    "fits by itself (results.csv rows probe-<backbone>); "
+                                                    "remove it from grid.heads")
         for name, known, values in (("backbones", BACKBONES, self.backbones), ("heads", HEADS, self.heads)):
             for value in values:
                 if value not in known:
@@ -164,11 +171,7 @@ class SearchConfig:
         return self.mode or metric_mode(self.metric)
 
     def _check(self, prefix: str) -> None:
-        from raycyto.tune.search import SEARCHERS  # light: no Ray import
-
-        if self.algorithm not in SEARCHERS:
-            raise ConfigError(f"{prefix}.algorithm",
-                              f"unknown algorithm {self.algorithm!r}; known: {sorted(SEARCHERS)}")
+        _choice(prefix, "algorithm", self.algorithm, SEARCH_ALGORITHMS)
         _positive(self, prefix, "samples")
         low, high = self.lr
         if not (0 < low < high):
@@ -271,15 +274,46 @@ class SweepConfig:
                                              f"({', '.join(STORAGE_SCHEMES)}), got {self.storage!r}")
 
     def replace(self, **sections: Any) -> "SweepConfig":
-        """A copy with whole sections or dotted fields replaced: ``cfg.replace(**{"data.source": p})``."""
+        """A copy with whole sections or dotted fields replaced: ``cfg.replace(**{"data.source": p})``.
+
+        Raises:
+            ConfigError: an unknown section or field (named), or an invalid value.
+        """
         raw = to_dict(self)
         for key, value in sections.items():
             node = raw
             *parents, leaf = key.split(".")
-            for part in parents:
+            for i, part in enumerate(parents):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(".".join(parents[:i + 1]),
+                                      f"not a config section; sections: {sorted(k for k, v in node.items() if isinstance(v, dict))}")
                 node = node[part]
+            if leaf not in node and not (parents and parents[-1] == "head_kwargs"):
+                raise ConfigError(key, f"unknown field; known fields: {sorted(node)}")
             node[leaf] = value
         return load_config(raw)
+
+    def override(self, assignments: Sequence[str]) -> "SweepConfig":
+        """Apply ``--set section.field=value`` overrides (values parsed as YAML, then validated).
+
+        Example: ``cfg.override(["train.epochs=30", "data.classes=[cat, dog]"])``
+
+        Raises:
+            ConfigError: a malformed assignment, an unknown field or an invalid value (named).
+        """
+        import yaml
+
+        updates: dict[str, Any] = {}
+        for text in assignments:
+            key, sep, value = str(text).partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError("--set", f"expected section.field=value, got {text!r}")
+            try:
+                updates[key] = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(key, f"cannot parse {value!r}: {exc}") from None
+        return self.replace(**updates) if updates else self
 
 
 # ----------------------------------------------------------------------------- loading

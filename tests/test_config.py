@@ -117,3 +117,23 @@ def test_sweep_cli_names_the_bad_field_and_exits_2(tmp_path):
     bad.write_text("grid: {heads: [a]}\ntrain: {epochz: 3}\n")
     result = CliRunner().invoke(app, ["sweep", "--config", str(bad)])
     assert result.exit_code == 2 and "train.epochz" in result.output
+
+
+def test_set_overrides_go_through_the_typed_checks_and_name_the_field():
+    from raycyto.config import SweepConfig
+
+    cfg = SweepConfig().override(["train.epochs=30", "data.classes=[cat, dog]", "search.lr=[1e-4, 1e-3]"])
+    assert cfg.train.epochs == 30 and cfg.data.classes == ("cat", "dog") and cfg.search.lr == (1e-4, 1e-3)
+    for bad, field in ((["train.epoch=3"], "train.epoch"), (["trian.epochs=3"], "trian"),
+                       (["train.epochs=many"], "train.epochs"), (["epochs"], "--set"),
+                       (["data.positive_class=x"], "data.positive_class")):
+        if field == "data.positive_class":  # valid alone; invalid against the classes
+            bad = ["data.classes=[a, b]", *bad]
+        with pytest.raises(ConfigError) as e:
+            SweepConfig().override(bad)
+        assert e.value.field == field, (bad, str(e.value))
+
+
+def test_the_probe_is_not_a_grid_head():
+    with pytest.raises(ConfigError, match="grid.heads.*baseline"):
+        load_config({"grid": {"heads": ["a", "probe"]}})

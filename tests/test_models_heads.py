@@ -8,6 +8,7 @@ import torch
 
 from raycyto.errors import DataError, RaycytoError
 from raycyto.models import HEADS, build_head
+from raycyto.models.heads import BASELINE_HEADS, Standardize
 from raycyto.models.mc import MCDropout
 
 
@@ -16,7 +17,38 @@ def test_every_head_maps_features_to_logits(name):
     head = build_head(name, 32, 5).eval()
     out = head(torch.randn(4, 32))
     assert out.shape == (4, 5) and torch.isfinite(out).all()
-    assert head.penultimate(torch.randn(4, 32)).ndim == 2
+    if name not in BASELINE_HEADS:
+        assert head.penultimate(torch.randn(4, 32)).ndim == 2
+
+
+def test_standardize_learns_training_statistics_and_leaves_constant_features_alone():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(500, 4)).astype(np.float32)
+    x[:, 3] = 7.0  # constant on the training rows
+    norm = Standardize(4).fit(x)
+    z = norm(torch.from_numpy(x))
+    np.testing.assert_allclose(z[:, :3].mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z[:, :3].std(0, unbiased=False), 1.0, atol=1e-4)
+    assert norm.scale[3] == 1.0  # not 1e-12: a new image's value stays finite and unamplified
+    new = torch.tensor([[3.0, 3.0, 3.0, 9.0]])
+    assert norm(new)[0, 3] == pytest.approx(2.0)
+    maps = torch.randn(6, 4, 5, 5) * 3 + 1  # [N, C, H, W]: statistics per channel
+    np.testing.assert_allclose(Standardize(4).fit(maps)(maps).mean((0, 2, 3)), 0.0, atol=1e-5)
+
+
+def test_svm_head_calibration_folds_never_split_a_group():
+    rng = np.random.default_rng(1)
+    groups = np.repeat([f"p{i}" for i in range(12)], 5)  # 12 patients x 5 augmented copies, in order
+    y = np.repeat(np.arange(12) % 2, 5)
+    x = (rng.normal(size=(len(y), 8)) + y[:, None]).astype(np.float32)
+    head = build_head("b", 8, 2).eval().fit_svm(x, y, groups=groups)
+    assert int(head.svm_folds) == 3
+    for train, cal in head.calibration_folds:
+        assert not set(groups[train]) & set(groups[cal])  # no copy of one image on both sides
+        assert set(y[cal]) == {0, 1}
+    ungrouped = build_head("b", 8, 2).eval().fit_svm(x, y)
+    leaks = sum(bool(set(groups[tr]) & set(groups[ca])) for tr, ca in ungrouped.calibration_folds)
+    assert leaks > 0  # what grouping prevents: rows of one patient on both sides
 
 
 def test_head_shapes_follow_the_studies():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from raycyto.config import load_config
+from raycyto.config import SEARCH_ALGORITHMS, TrainConfig, load_config
 from raycyto.tune.search import SEARCHERS, CellSearcher
-from raycyto.tune.train import classification_metrics, train_head
+from raycyto.tune.train import HeadData, HParams, Task, classification_metrics, train_head
 
 
 def _blobs(n=60, d=16, classes=2, seed=0):
@@ -20,11 +20,11 @@ def _blobs(n=60, d=16, classes=2, seed=0):
     return x, y
 
 
-def _train(head="a", seed=0, **kw):
+def _train(head="a", seed=0, lr=1e-2, **train):
     x, y = _blobs()
-    args = dict(num_classes=2, positive=1, lr=1e-2, batch_size=8, epochs=4, seed=seed)
-    args.update(kw)
-    return train_head(head, x[:40], y[:40], x[40:], y[40:], **args)
+    return train_head(head, HeadData(x[:40], y[:40], x[40:], y[40:], groups_train=np.arange(40).astype(str)),
+                      task=Task(2, positive=1), train=TrainConfig(**{"epochs": 4, **train}),
+                      hp=HParams(lr=lr, batch_size=8), seed=seed)
 
 
 def test_train_head_is_deterministic_on_cpu():
@@ -60,8 +60,8 @@ def test_bf16_precision_runs_the_forward_in_bf16_and_keeps_metrics_fp32():
 
     torch.manual_seed(0)
     res = fit(build_head("a", 16, 2), array_batches(x[:40], y[:40], 8, seed=0),
-              lambda: array_batches(x[40:], y[40:], 64)(0), num_classes=2, positive=1, lr=1e-2, epochs=3,
-              forward=forward, precision="bf16")
+              lambda: array_batches(x[40:], y[40:], 64)(0), task=Task(2, positive=1),
+              train=TrainConfig(epochs=3, precision="bf16"), hp=HParams(lr=1e-2, batch_size=8), forward=forward)
     assert set(dtypes) == {torch.bfloat16}  # autocast on (CPU here, the trial's GPU on a cluster)
     assert res.history.notna().all().all() and res.best["val_accuracy"] > 0.8
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in res.model.parameters())
@@ -80,9 +80,26 @@ def test_worker_device_is_the_cpu_without_a_visible_gpu():
 def test_head_b_is_head_a_followed_by_a_calibrated_svm():
     res = _train("b")
     assert bool(res.model.svm_fitted)
-    x, _ = _blobs()
-    probs = torch.softmax(res.model.eval()(torch.as_tensor(x[40:])), 1)
-    np.testing.assert_allclose(probs.sum(1).detach().numpy(), 1.0, atol=1e-5)
+    x, y = _blobs()
+    with torch.no_grad():
+        svm = res.model.eval()(torch.as_tensor(x[40:])).softmax(1).numpy()
+    z = res.model.penultimate(torch.as_tensor(x[40:])).detach().double().numpy()
+    np.testing.assert_allclose(svm, res.model._sklearn.predict_proba(z), atol=1e-5)  # the SVM answers, not head a
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch():
+    x, y = _blobs()
+    noise = np.random.default_rng(5).permutation(y[:40])  # training labels unrelated to x: overfits
+    res = train_head("c", HeadData(x[:40], noise, x[40:], y[40:]), task=Task(2, positive=1),
+                     train=TrainConfig(epochs=60, patience=3, select_metric="val_loss"),
+                     hp=HParams(lr=1e-2, batch_size=8), seed=0)
+    assert len(res.history) < 60  # stopped early
+    assert len(res.history) - res.best_epoch == 3  # patience epochs after the best one
+    assert res.best["val_loss"] == pytest.approx(res.history["val_loss"].min())
+
+
+def test_search_algorithms_beside_the_config_are_exactly_the_registry():
+    assert set(SEARCH_ALGORITHMS) == set(SEARCHERS)
 
 
 def test_classification_metrics_match_sklearn():

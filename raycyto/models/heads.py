@@ -36,8 +36,43 @@ from raycyto.errors import DataError, RaycytoError
 from raycyto.models.mc import MCDropout
 
 
+class Standardize(nn.Module):
+    """Per-feature ``(x - mean) / scale`` with statistics of the training rows (buffers, so
+    they travel in the head's state dict and the bundle). Identity until :meth:`fit`.
+
+    Args:
+        dim: feature width D (statistics per feature; for maps ``[N, C, H, W]`` per channel).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor | np.ndarray) -> "Standardize":
+        """Learn mean and standard deviation from ``x [N, D, ...]``. As scikit-learn's
+        ``StandardScaler``, a feature that is constant on the training rows keeps scale 1
+        (dividing by ~0 would blow up whatever it is on new images)."""
+        t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        dims = [0, *range(2, t.ndim)]  # all but the feature/channel axis
+        mean, std = t.mean(dims), t.std(dims, unbiased=False)
+        self.mean.copy_(mean)
+        self.scale.copy_(torch.where(std > 1e-6 * max(float(std.max()), 1e-12), std, torch.ones_like(std)))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over [N, D] or [N, C, H, W]
+        return (x - self.mean.view(shape).to(x.dtype)) / self.scale.view(shape).to(x.dtype)
+
+
 class MLPHead(nn.Module):
-    """Dense ReLU stack ``D -> hidden... -> C`` with optional dropout after each hidden ReLU."""
+    """Dense ReLU stack ``D -> hidden... -> C`` with optional dropout after each hidden ReLU.
+
+    Inputs are used as the backbone gives them: per-feature standardisation (as the probe
+    does) lowered the test accuracy of heads a and d by ~2 points on a real image set
+    (scikit-learn's digits, Lite0 features, 5 folds), because it blows up near-constant
+    features; the benchmark ``benchmarks/probe_vs_heads.py`` measures it."""
 
     def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (128,),
                  dropout: float = 0.0) -> None:
@@ -92,22 +127,33 @@ class SVMHead(MLPHead):
         self.svm_cv, self.svm_c, self.seed = int(svm_cv), float(svm_c), int(seed)
         k, m = self.svm_cv, (1 if num_classes == 2 else num_classes)  # m = SVM decision columns
         self.register_buffer("svm_fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("svm_folds", torch.zeros((), dtype=torch.int64))  # calibration folds used (<= svm_cv)
         self.register_buffer("svm_coef", torch.zeros(k, m, hidden, dtype=torch.float64))
         self.register_buffer("svm_intercept", torch.zeros(k, m, dtype=torch.float64))
         self.register_buffer("cal_a", torch.zeros(k, m, dtype=torch.float64))
         self.register_buffer("cal_b", torch.zeros(k, m, dtype=torch.float64))
 
     @torch.no_grad()
-    def fit_svm(self, features: Tensor | np.ndarray, labels: np.ndarray | Sequence[int]) -> "SVMHead":
+    def fit_svm(self, features: Tensor | np.ndarray, labels: np.ndarray | Sequence[int],
+                groups: np.ndarray | Sequence[str] | None = None) -> "SVMHead":
         """Fit the calibrated linear SVM on this head's penultimate features.
+
+        The Platt calibration is fitted on ``svm_cv`` cross-validation folds. With ``groups``
+        (patient / source image per row) they are shuffled ``StratifiedGroupKFold`` folds, so
+        the augmented copies of one image, or the images of one patient, never sit on both
+        sides of a calibration split (fewer folds when a class has fewer groups; ungrouped,
+        with a warning, only when a class has a single group); without, shuffled stratified folds.
 
         Args:
             features: backbone features ``[N, D]`` (the head's input, not the 128-d ones).
-            labels: ``[N]`` ints in ``0..C-1``; every class needs >= ``svm_cv`` samples.
+            labels: ``[N]`` ints in ``0..C-1``; every class needs >= ``svm_cv`` samples
+                (groups, when given).
+            groups: ``[N]`` group id per row, or None.
         Returns:
             self (now predicting SVM log-probabilities).
         """
         from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
         from sklearn.svm import LinearSVC
 
         was_training = self.training
@@ -121,8 +167,22 @@ class SVMHead(MLPHead):
         if counts is None or len(counts) != c or counts.min() < self.svm_cv:
             raise DataError(f"head b SVM needs every class 0..{c - 1} with >= {self.svm_cv} "
                             f"samples; got counts {None if counts is None else counts.tolist()}")
+        g = None if groups is None else np.asarray(groups).astype(str)
+        n_groups = min(len(np.unique(g[y == k])) for k in range(c)) if g is not None else None
+        if g is not None and n_groups >= 2:
+            k_cv = min(self.svm_cv, n_groups)
+            folds = list(StratifiedGroupKFold(k_cv, shuffle=True, random_state=self.seed).split(z, y, g))
+        else:
+            if g is not None:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "head b: a class has a single group in the training rows, so the SVM calibration "
+                    "folds cannot be grouped (copies of one image may sit on both sides)")
+            folds = list(StratifiedKFold(self.svm_cv, shuffle=True, random_state=self.seed).split(z, y))
+        self.calibration_folds = folds  # kept in memory for checks only; not part of the state
         svm = LinearSVC(C=self.svm_c, dual="auto", max_iter=20000, random_state=self.seed)
-        cal = CalibratedClassifierCV(svm, method="sigmoid", cv=self.svm_cv, ensemble=True)
+        cal = CalibratedClassifierCV(svm, method="sigmoid", cv=folds, ensemble=True)
         cal.fit(z, y)
         for i, cc in enumerate(cal.calibrated_classifiers_):
             est = cc.estimator
@@ -131,6 +191,7 @@ class SVMHead(MLPHead):
             self.cal_a[i] = torch.tensor([cb.a_ for cb in cc.calibrators], dtype=torch.float64)
             self.cal_b[i] = torch.tensor([cb.b_ for cb in cc.calibrators], dtype=torch.float64)
         self.svm_fitted.fill_(True)
+        self.svm_folds.fill_(len(folds))
         self._sklearn = cal  # kept in memory for cross-checks only; not part of the state
         return self
 
@@ -138,7 +199,9 @@ class SVMHead(MLPHead):
         """Calibrated SVM probabilities ``[N, C]`` (sklearn's ``predict_proba``, in torch)."""
         z = self.penultimate(x).double()  # [N, 128]
         dec = torch.einsum("nh,kmh->knm", z, self.svm_coef) + self.svm_intercept[:, None]  # [K,N,m]
-        p = torch.sigmoid(-(self.cal_a[:, None] * dec + self.cal_b[:, None]))  # [K, N, m]
+        k = int(self.svm_folds)  # the calibration folds actually fitted
+        dec = dec[:k]
+        p = torch.sigmoid(-(self.cal_a[:k, None] * dec + self.cal_b[:k, None]))  # [K, N, m]
         if self.out.out_features == 2:
             p = torch.cat([1 - p, p], -1)  # [K, N, 2]
         else:
@@ -152,13 +215,45 @@ class SVMHead(MLPHead):
         return self.svm_proba(x).clamp_min(1e-12).log().to(x.dtype)
 
 
+class LinearProbe(nn.Module):
+    """The baseline every frozen-backbone sweep reports: standardised features -> one linear
+    layer, fitted by scikit-learn's ``LogisticRegression`` (:meth:`load_sklearn`), not by SGD.
+
+    For two classes the logits are ``[0, w.x + b]``, so ``softmax`` gives the logistic
+    regression's probabilities exactly.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = Standardize(in_dim)
+        self.out = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.norm(x))
+
+    @torch.no_grad()
+    def load_sklearn(self, model: "object") -> "LinearProbe":
+        """Copy a fitted ``LogisticRegression`` (on the standardised features) into the layer."""
+        coef = torch.as_tensor(np.asarray(model.coef_), dtype=torch.float32)  # [1 or C, D]
+        bias = torch.as_tensor(np.asarray(model.intercept_), dtype=torch.float32)
+        if coef.shape[0] == 1:  # binary: class 1 against class 0
+            coef = torch.cat([torch.zeros_like(coef), coef])
+            bias = torch.cat([torch.zeros_like(bias), bias])
+        self.out.weight.copy_(coef)
+        self.out.bias.copy_(bias)
+        return self
+
+
 HEADS: dict[str, Callable[..., nn.Module]] = {
     "a": partial(MLPHead, hidden=(128,)),
     "b": SVMHead,
     "c": partial(MLPHead, hidden=(1024, 512, 128)),
     "d": partial(MLPHead, hidden=(1024, 512, 128), dropout=0.5),
     "k": StudyAHead,
+    "probe": LinearProbe,  # the baseline (raycyto.tune.probe), not a grid.heads choice
 }
+#: Heads that are baselines: fitted by raycyto.tune.probe in every frozen sweep, never in grid.heads.
+BASELINE_HEADS = ("probe",)
 
 
 def build_head(name: str, in_dim: int, num_classes: int, **kw) -> nn.Module:

@@ -5,13 +5,14 @@ identity unless MC mode is switched on with :func:`mc_mode`, in which case it ap
 seeded masks. The model itself stays in ``eval()`` the whole time (baal's approach), so
 batch-norm running statistics are used, never updated.
 
-**One mask per pass.** Pass ``t`` of a request seeded ``s`` draws its masks from its own
-generator, seeded from ``(s, t)``, and the same pass mask is applied to every image of a
-batch. So the probabilities of pass ``t`` depend only on (seed, t, the image): never on
-how the T passes are chunked, on which replica runs them, or on which other images share
-the batch. Inside :func:`mc_mode` an MCDropout layer sees inputs whose leading dimension
-is ``N * T`` rows, image-major (``[n0 t0, n0 t1, ..., n1 t0, ...]``), and multiplies the
-view ``[N, T, ...]`` with masks ``[T, ...]``.
+**One mask per pass.** The mask of pass ``t`` in the ``k``-th dropout call of a forward is
+a counter-based hash of (seed, t, k, element index), drawn for all T passes at once in a
+few vectorised integer operations, and applied to every image of the batch. So the
+probabilities of pass ``t`` depend only on (seed, t, the image): never on how the T passes
+are chunked, on which replica runs them, or on which other images share the batch. Inside
+:func:`mc_mode` an MCDropout layer sees inputs whose leading dimension is ``N * T`` rows,
+image-major (``[n0 t0, n0 t1, ..., n1 t0, ...]``), and multiplies the view ``[N, T, ...]``
+with masks ``[T, ...]``.
 
 ``scope="head"``: the backbone runs once (deterministically) and the T passes run on the
 features in one vectorised call (features ``[N, D]`` repeated to ``[N*T, D]``).
@@ -35,42 +36,69 @@ if TYPE_CHECKING:  # pragma: no cover
 SCOPES = ("head", "full")
 
 
-def pass_seed(seed: int, t: int) -> int:
-    """The generator seed of MC pass ``t`` of a request seeded ``seed`` (31-bit)."""
-    return int(np.random.SeedSequence([int(seed), int(t)]).generate_state(1)[0] & 0x7FFFFFFF)
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash of int64 values, elementwise (the lowbias32 shape; both odd
+    multipliers are < 2**31, so every product of a 32-bit value fits in int64)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+class MCState:
+    """The masks of passes ``first .. first + passes - 1`` of a request seeded ``seed``.
+
+    ``mask`` is called once per dropout call of a forward, in order (the call index k tells
+    the layers apart), and returns ``[T, ...]`` keep-masks.
+    """
+
+    def __init__(self, seed: int, passes: int, first: int = 0) -> None:
+        self.passes = int(passes)
+        t = torch.arange(int(first), int(first) + self.passes, dtype=torch.int64)
+        self.pass_keys = hash32(t ^ hash32(torch.tensor(int(seed) & _M32)))  # [T]
+        self.calls = 0
+
+    def mask(self, shape: tuple[int, ...], p: float) -> Tensor:
+        """Bool keep-mask ``[T, *shape]`` with P(keep) = 1 - p for the next dropout call."""
+        k = hash32(torch.tensor(self.calls * 0x9E3779B1 + 0x632BE5AB))
+        self.calls += 1
+        j = torch.arange(int(np.prod(shape, dtype=np.int64)), dtype=torch.int64)  # element index
+        u = hash32(hash32(self.pass_keys ^ k)[:, None] ^ j[None, :])  # [T, n] uniform in [0, 2**32)
+        return (u >= int(p * 2**32)).view(self.passes, *shape)
 
 
 class MCDropout(nn.Dropout):
     """Dropout that can stay on in ``eval()`` (MC mode), with one seeded mask per pass.
 
     Attributes:
-        generators: one ``torch.Generator`` per MC pass while inside :func:`mc_mode`
-            (shared by every MCDropout of the model, drawn from in layer order), else None.
+        state: the :class:`MCState` while inside :func:`mc_mode` (shared by every MCDropout
+            of the model), else None.
     """
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__(p=p)
-        self.generators: list[torch.Generator] | None = None
+        self.state: MCState | None = None
 
     @property
     def mc(self) -> bool:
         """True while inside :func:`mc_mode`."""
-        return self.generators is not None
+        return self.state is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             return super().forward(x)
         if not self.mc or self.p == 0.0:
             return x
-        gens = self.generators
-        t = len(gens)
+        t = self.state.passes
         if x.shape[0] % t:
             from raycyto.errors import RaycytoError
 
             raise RaycytoError(f"MC mode with {t} passes needs N*T leading rows, got shape {tuple(x.shape)}")
-        rest = x.shape[1:]
-        masks = torch.stack([torch.empty(rest, dtype=x.dtype).bernoulli_(1.0 - self.p, generator=g)
-                             for g in gens]).to(x.device)  # [T, ...]
+        rest = tuple(x.shape[1:])
+        masks = self.state.mask(rest, self.p).to(device=x.device, dtype=x.dtype)  # [T, ...]
         out = x.view(x.shape[0] // t, t, *rest) * masks / (1.0 - self.p)  # [N, T, ...]
         return out.view(x.shape)
 
@@ -93,22 +121,25 @@ def has_mc_dropout(model: nn.Module) -> bool:
 def mc_mode(model: nn.Module, seed: int = 0, passes: int = 1, first: int = 0) -> Iterator[None]:
     """Switch ``model``'s MC dropouts on for passes ``first .. first + passes - 1``.
 
+    One forward call per ``mc_mode`` block: the block's :class:`MCState` counts the dropout
+    calls to tell the layers apart.
+
     Args:
         model: any module holding :class:`MCDropout` layers (train/eval state untouched).
-        seed: request seed; pass ``t`` draws from a generator seeded ``pass_seed(seed, t)``.
+        seed: request seed.
         passes: T, the number of passes in each forward call (inputs carry ``N * T`` rows).
         first: index of the first pass (chunks of one request continue the numbering).
     """
-    gens = [torch.Generator().manual_seed(pass_seed(seed, t)) for t in range(first, first + int(passes))]
+    state = MCState(seed, passes, first)
     drops = mc_dropouts(model)
-    saved = [d.generators for d in drops]
+    saved = [d.state for d in drops]
     for d in drops:
-        d.generators = gens
+        d.state = state
     try:
         yield
     finally:
-        for d, g in zip(drops, saved):
-            d.generators = g
+        for d, st in zip(drops, saved):
+            d.state = st
 
 
 @contextlib.contextmanager
@@ -156,7 +187,7 @@ def mc_head_predict(head: nn.Module, features: Tensor, passes: int, seed: int = 
         head: module ``[N, ...] -> logits [N, C]`` with :class:`MCDropout` layers.
         features: ``[N, D]`` backbone features (or ``[N, C, H, W]`` maps for spatial heads).
         passes: T.
-        seed: request seed (see :func:`pass_seed`).
+        seed: request seed (see :class:`MCState`).
         chunk_rows: at most this many rows per head call (memory bound; results do not
             depend on it).
         first: index of the first pass.
@@ -181,7 +212,7 @@ def mc_predict(model: "Classifier | nn.Module", x: Tensor, passes: int, scope: s
         passes: T stochastic passes.
         scope: ``"head"`` (backbone once, passes vectorised on the head) or ``"full"``
             (every pass runs the whole network).
-        seed: request seed; pass ``t`` uses ``pass_seed(seed, t)`` whatever the chunking.
+        seed: request seed; pass ``t`` gets the same masks whatever the chunking.
         features: precomputed ``[N, D]`` features (``scope="head"`` only).
         chunk_rows: memory bound for the vectorised head call.
         first: index of the first pass (a chunk of a longer request).

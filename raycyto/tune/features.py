@@ -65,18 +65,19 @@ class FeatureExtractor:
 
     Args:
         backbone: registry name.
-        input_size: backbone input side (None = native).
+        preprocess: the :class:`~raycyto.models.preprocessing.Preprocess` contract as a dict
+            (rows arrive at its image_size; its backbone-input step runs here).
         pretrained: load ImageNet weights.
         device: "cuda" or "cpu" (default: cuda when this actor was given a GPU).
     """
 
-    def __init__(self, backbone: str, input_size: Optional[int], pretrained: bool = True,
+    def __init__(self, backbone: str, preprocess: dict, pretrained: bool = True,
                  device: Optional[str] = None) -> None:
         from raycyto.device import worker_device
-        from raycyto.models.registry import build_backbone, get_spec
+        from raycyto.models.preprocessing import Preprocess
+        from raycyto.models.registry import build_backbone
 
-        self.spec = get_spec(backbone)
-        self.input_size = input_size
+        self.pre = Preprocess.from_dict(preprocess)
         self.device = device or worker_device()
         self.model = build_backbone(backbone, pretrained).eval().to(self.device)
 
@@ -84,9 +85,7 @@ class FeatureExtractor:
         """[B] image rows -> [B] feature rows (``features`` [B, D] float32)."""
         import torch
 
-        from raycyto.models.registry import preprocess
-
-        x = preprocess(np.stack(list(batch["image"])), self.spec, self.input_size).to(self.device)
+        x = self.pre.to_tensor(np.stack(list(batch["image"]))).to(self.device)
         with torch.no_grad():
             feats = self.model(x).float().cpu().numpy()  # [B, D]
         return {"path": batch["path"], "label": batch["label"], "group": batch["group"],
@@ -112,11 +111,13 @@ def compute_features(table: "SourceTable", backbone: str, data: "DataConfig", re
     import ray
 
     from raycyto.data.pipeline import image_dataset
+    from raycyto.models.preprocessing import Preprocess
 
-    ds = image_dataset(table, data.image_size, policy=data.policy, copies=data.copies, seed=seed)
+    pre = Preprocess.build(backbone, data.image_size, data.input_size)
+    ds = image_dataset(table, pre.image_size, policy=data.policy, copies=data.copies, seed=seed)
     gpus = 1 if resources.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ds.map_batches(FeatureExtractor, batch_size=resources.feature_batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"backbone": backbone, "input_size": data.input_size,
+                        fn_constructor_kwargs={"backbone": backbone, "preprocess": pre.to_dict(),
                                                "pretrained": pretrained},
                         compute=ray.data.ActorPoolStrategy(size=resources.feature_actors),
                         num_gpus=gpus, num_cpus=0 if gpus else 1)
@@ -165,8 +166,10 @@ def compute_features_local(table: "SourceTable", backbone: str, data: "DataConfi
     """
     from raycyto.data.augment import augment, image_key
     from raycyto.data.decode import load_image
+    from raycyto.models.preprocessing import Preprocess
 
-    extractor = extractor or FeatureExtractor(backbone, data.input_size, pretrained)
+    extractor = extractor or FeatureExtractor(
+        backbone, Preprocess.build(backbone, data.image_size, data.input_size).to_dict(), pretrained)
     rows = []  # (path, label, group, copy, image)
     for path, label, group in table.df[["path", "label", "group"]].itertuples(index=False):
         image = load_image(str(path), data.image_size)

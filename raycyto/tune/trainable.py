@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from raycyto.config import METRICS, SweepConfig
-from raycyto.tune.train import classification_metrics
+from raycyto.tune.train import HParams, Task, classification_metrics
 
 FOLDS_FILE = "folds.json"
 
@@ -61,6 +61,16 @@ class TrialContext:
     @property
     def class_names(self) -> list[str]:
         return list(self.table.class_names)
+
+    @property
+    def task(self) -> Task:
+        return Task(num_classes=len(self.table.class_names), positive=self.positive)
+
+    def preprocess(self, backbone: str) -> Any:
+        """The preprocessing contract of ``backbone`` under this sweep's data config."""
+        from raycyto.models.preprocessing import Preprocess
+
+        return Preprocess.build(backbone, self.cfg.data.image_size, self.cfg.data.input_size)
 
     @property
     def paths(self) -> np.ndarray:
@@ -123,9 +133,14 @@ def _prediction_frame(probs: np.ndarray, mc: dict, meta: pd.DataFrame, class_nam
     return df
 
 
+def mc_seed(cfg: SweepConfig, fold: int) -> int:
+    """The MC-dropout seed of a fold's predictions (stored in its bundle, the served default)."""
+    return cfg.cv.seed * 1000 + fold
+
+
 def predict_split(head: Any, features: np.ndarray, labels: np.ndarray, ctx: TrialContext, seed: int
                   ) -> tuple[np.ndarray, dict, dict[str, float]]:
-    """Deterministic probs [N, C], MC summary and metrics of a head on features [N, D]."""
+    """Deterministic probs [N, C], MC summary and metrics of a head on features [N, ...]."""
     import torch
 
     from raycyto.models.mc import mc_head_predict, summarize
@@ -138,7 +153,8 @@ def predict_split(head: Any, features: np.ndarray, labels: np.ndarray, ctx: Tria
 
 
 def _subtable(table: Any, idx: np.ndarray) -> Any:
-    return type(table)(df=table.df.iloc[np.sort(idx)].reset_index(drop=True), class_names=list(table.class_names))
+    """Rows ``idx`` of a SourceTable, in the given order."""
+    return type(table)(df=table.df.iloc[np.asarray(idx)].reset_index(drop=True), class_names=list(table.class_names))
 
 
 class FoldRunner:
@@ -153,62 +169,48 @@ class FoldRunner:
         self.config, self.ctx, self.cfg = config, ctx, ctx.cfg
         self.frozen = config["finetune"] == "frozen"
         self.head_kwargs = dict(self.cfg.grid.head_kwargs.get(config["head"], {}))
-        self.num_classes = len(ctx.class_names)
+        self.hp = HParams.from_trial(config)
+        self.pre = ctx.preprocess(config["backbone"])
         cached = self.frozen and ctx.cache_features
         self.features = ray.get(ctx.feature_refs[config["backbone"]]) if cached else None
-        self._build = lambda seed: build_classifier(config["backbone"], config["head"], self.num_classes,
+        self._build = lambda seed: build_classifier(config["backbone"], config["head"], ctx.task.num_classes,
                                                     config["finetune"], pretrained=True,
                                                     head_kwargs=self.head_kwargs, seed=seed)
         self.bundle_model = self._build(0) if self.frozen else None  # frozen: backbone shared by folds
 
-    def _train_kwargs(self) -> dict:
-        t = self.cfg.train
-        return dict(num_classes=self.num_classes, positive=self.ctx.positive, lr=float(self.config["lr"]),
-                    batch_size=int(self.config["batch_size"]), epochs=t.epochs, optimizer=t.optimizer,
-                    weight_decay=t.weight_decay, select_metric=t.select_metric, patience=t.patience,
-                    precision=t.precision)
+    @property
+    def hparams(self) -> dict:
+        """What the bundle records about the search sample."""
+        return {"lr": self.hp.lr, "batch_size": self.hp.batch_size}
 
     def _class_weight(self, labels: np.ndarray) -> Optional[np.ndarray]:
         from raycyto.data.splits import class_weights
 
-        return class_weights(labels, self.num_classes) if self.cfg.data.class_weights else None
+        return class_weights(labels, self.ctx.task.num_classes) if self.cfg.data.class_weights else None
 
     def run(self, split: Any) -> tuple[Any, pd.DataFrame, dict[str, dict], dict]:
         """Returns (model, history, {split: (features, labels, row meta)}, data-used record)."""
         return (self._run_frozen if self.frozen else self._run_finetune)(split)
 
     def _run_frozen(self, split: Any):
-        from raycyto.data.splits import equalize
-        from raycyto.tune.features import feature_rows_for_split
-        from raycyto.tune.train import train_head
+        from raycyto.tune.train import HeadData, train_head
 
-        fs, seed = self.features, self.cfg.cv.seed * 1000 + split.fold
-        if fs is None:  # no cache (benchmark baseline): run the backbone over this fold's images
-            from raycyto.tune.features import compute_features_local
-
-            used_idx = np.concatenate([split.train, split.val, split.test])
-            fs = compute_features_local(_subtable(self.ctx.table, used_idx), self.config["backbone"], self.cfg.data,
-                                        self.cfg.resources.feature_batch_size, seed=self.cfg.cv.seed)
-        rows = feature_rows_for_split(fs, self.ctx.paths, split)
-        train = equalize(rows["train"], fs.label, seed) if self.cfg.data.equalize else rows["train"]
-        result = train_head(self.config["head"], fs.features[train], fs.label[train], fs.features[rows["val"]],
-                            fs.label[rows["val"]], class_weight=self._class_weight(fs.label[train]), seed=seed,
-                            head_kwargs=self.head_kwargs, **self._train_kwargs())
+        fs, rows = fold_features(self.ctx, self.config["backbone"], self.features, split)
+        train = rows["train"]
+        data = HeadData(fs.features[train], fs.label[train], fs.features[rows["val"]], fs.label[rows["val"]],
+                        groups_train=fs.group[train])
+        result = train_head(self.config["head"], data, task=self.ctx.task, train=self.cfg.train, hp=self.hp,
+                            seed=mc_seed(self.cfg, split.fold), head_kwargs=self.head_kwargs,
+                            class_weight=self._class_weight(fs.label[train]))
         self.bundle_model.head = result.model
-        evals = {}
-        for name in ("val", "test"):
-            r = rows[name]
-            evals[name] = (fs.features[r], fs.label[r], pd.DataFrame({"path": fs.path[r], "group": fs.group[r]}))
-        used = {"best_epoch": result.best_epoch, "train": sorted(set(fs.path[train])), "train_rows": int(len(train)),
-                "val": sorted(set(fs.path[rows["val"]])), "test": sorted(set(fs.path[rows["test"]]))}
-        return self.bundle_model, result.history, evals, used
+        return self.bundle_model, result.history, _evals(fs, rows), _used(fs, rows, result.best_epoch)
 
     def _run_finetune(self, split: Any):
         from raycyto.data.pipeline import image_dataset, load_arrays
         from raycyto.data.splits import equalize
         from raycyto.tune.train import extract_features, image_array_batches, train_finetune
 
-        table, data, seed = self.ctx.table, self.cfg.data, self.cfg.cv.seed * 1000 + split.fold
+        table, data, seed = self.ctx.table, self.cfg.data, mc_seed(self.cfg, split.fold)
         labels = table.df["label"].to_numpy()
         train_idx = equalize(split.train, labels, seed) if data.equalize else split.train
         train_ds = image_dataset(_subtable(table, train_idx), data.image_size, policy=data.policy,
@@ -216,13 +218,12 @@ class FoldRunner:
         arrays = {name: load_arrays(image_dataset(_subtable(table, idx), data.image_size))
                   for name, idx in (("val", split.val), ("test", split.test))}
         model = self._build(seed)
-        result = train_finetune(model, train_ds, arrays["val"]["image"], arrays["val"]["label"],
-                                input_size=data.input_size, seed=seed,
-                                class_weight=self._class_weight(labels[train_idx]), **self._train_kwargs())
+        result = train_finetune(model, train_ds, arrays["val"]["image"], arrays["val"]["label"], pre=self.pre,
+                                task=self.ctx.task, train=self.cfg.train, hp=self.hp, seed=seed,
+                                class_weight=self._class_weight(labels[train_idx]))
         evals = {}
         for name, a in arrays.items():
-            feats, y = extract_features(result.model, image_array_batches(a["image"], a["label"], model.spec,
-                                                                          data.input_size, 64))
+            feats, y = extract_features(result.model, image_array_batches(a["image"], a["label"], self.pre, 64))
             evals[name] = (feats, y, pd.DataFrame({"path": a["path"], "group": a["group"]}))
         paths = self.ctx.paths
         used = {"best_epoch": result.best_epoch, "train": sorted(set(paths[train_idx])), "train_rows": int(len(train_idx) * data.copies),
@@ -230,13 +231,54 @@ class FoldRunner:
         return result.model, result.history, evals, used
 
 
+def fold_features(ctx: TrialContext, backbone: str, features: Any, split: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """(FeatureSet, {"train", "val", "test": row indices}) of one fold; train rows equalised
+    when the config asks for it.
+
+    Args:
+        features: the backbone's cached FeatureSet, or None (benchmark baseline: the backbone
+            runs over this fold's images here).
+    """
+    from raycyto.data.splits import equalize
+    from raycyto.tune.features import feature_rows_for_split
+
+    cfg = ctx.cfg
+    if features is None:
+        from raycyto.tune.features import compute_features_local
+
+        used_idx = np.concatenate([split.train, split.val, split.test])
+        features = compute_features_local(_subtable(ctx.table, used_idx), backbone, cfg.data,
+                                          cfg.resources.feature_batch_size, seed=cfg.cv.seed)
+    rows = feature_rows_for_split(features, ctx.paths, split)
+    if cfg.data.equalize:
+        rows["train"] = equalize(rows["train"], features.label, mc_seed(cfg, split.fold))
+    return features, rows
+
+
+def _evals(fs: Any, rows: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """{val, test: (features, labels, row meta)} of a fold from a FeatureSet."""
+    return {name: (fs.features[rows[name]], fs.label[rows[name]],
+                   pd.DataFrame({"path": fs.path[rows[name]], "group": fs.group[rows[name]]}))
+            for name in ("val", "test")}
+
+
+def _used(fs: Any, rows: dict[str, np.ndarray], best_epoch: int) -> dict:
+    """The data-used record of a fold (paths trained, validated and tested on)."""
+    return {"best_epoch": best_epoch, "train": sorted(set(fs.path[rows["train"]])),
+            "train_rows": int(len(rows["train"])), "val": sorted(set(fs.path[rows["val"]])),
+            "test": sorted(set(fs.path[rows["test"]]))}
+
+
 def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
     """Train one fold, write its history, bundle and predictions; return its metrics."""
     from raycyto.models.bundle import save_bundle
 
+    from raycyto.models.mc import has_mc_dropout
+
     ctx, cfg, config = runner.ctx, runner.cfg, runner.config
     k = split.fold
     model, history, evals, used = runner.run(split)
+    seed = mc_seed(cfg, k)
     with fold_output(ctx) as exp:
         hist_dir = exp / "histories" / trial_id
         hist_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +287,7 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
         frames, metrics = [], {}
         class_names = ctx.class_names
         for name, (feats, labels, meta) in evals.items():
-            probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=cfg.cv.seed * 1000 + k)
+            probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=seed)
             meta = meta.assign(label=labels, label_name=[class_names[i] for i in labels])
             frame = _prediction_frame(probs, mc, meta, class_names)
             frames.append(frame.assign(trial_id=trial_id, backbone=config["backbone"], finetune=config["finetune"],
@@ -256,10 +298,10 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
         save_bundle(exp / "checkpoints" / trial_id / f"fold{k}", model, meta={
             "class_names": class_names,
             "positive_class": None if ctx.positive is None else class_names[ctx.positive],
-            "input_size": cfg.data.input_size or model.spec.input_size,
-            "image_size": cfg.data.image_size,
-            "mc": {"passes": cfg.mc.passes, "threshold": cfg.mc.threshold, "scope": "head"},
-            "trial_id": trial_id, "fold": k, "lr": float(config["lr"]), "batch_size": int(config["batch_size"]),
+            "preprocess": runner.pre.to_dict(),
+            "mc": {"passes": cfg.mc.passes, "threshold": cfg.mc.threshold, "scope": "head", "seed": seed,
+                   "dropout": has_mc_dropout(model.head)},
+            "trial_id": trial_id, "fold": k, **runner.hparams,
             "best_epoch": used["best_epoch"],
             "metrics": {f"{s}_{m}": v for s, d in metrics.items() for m, v in d.items()},
         })
