@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="experiment directory")
     parser.add_argument("--storage", help="override storage: a folder or s3://bucket/prefix (multi-node clusters)")
     parser.add_argument("--resume", type=Path, help="continue the sweep in this EXP_DIR")
+    parser.add_argument("--positive-class", help="override data.positive_class")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
 
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         exp_dir = sweep_main(config=args.config, data=args.data, out=args.out, resume=args.resume,
-                             progress=not args.quiet, storage=args.storage)
+                             progress=not args.quiet, storage=args.storage, positive_class=args.positive_class,
+                             sets=tuple(args.set))
     except RaycytoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

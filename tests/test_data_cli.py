@@ -64,6 +64,45 @@ def test_inspect_exits_two_on_an_invalid_source_or_fold_setting(ray_local, tmp_p
     (tmp_path / "m.csv").write_text("path\na.png\n")
     res = _inspect(str(tmp_path / "m.csv"))
     assert res.exit_code == 2 and "lacks the column 'label'" in res.output
-    write_image_folder(tmp_path / "few", groups_per_class=1, per_group=1, size=8)
+    write_image_folder(tmp_path / "few", groups_per_class=2, per_group=2, size=8)
     res = _inspect(str(tmp_path / "few"), "--folds", "5", "--image-size", "8")
-    assert res.exit_code == 2 and "only 2 groups for 5 folds" in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    flat = " ".join(res.output.split())
+    assert "--folds / cv.folds=5: class 'a' has only 2 group(s)" in flat
+    res = _inspect(str(tmp_path / "few"), "--set", "cv.fold=2")  # a bad override names the field
+    assert res.exit_code == 2 and "cv.fold" in res.output and "unknown field" in res.output
+
+
+def test_inspect_takes_config_and_set_overrides(ray_local, tmp_path):
+    write_image_folder(tmp_path / "d", groups_per_class=4, per_group=1, size=8)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {image_size: 8, policy: karyogram, copies: 3}\ncv: {folds: 5}\n")
+    res = _inspect(str(tmp_path / "d"), "--config", str(cfg), "--set", "cv.folds=2")
+    assert res.exit_code == 0, res.output
+    assert "-> 24 rows (policy karyogram, 3 copies, 8px)" in res.output  # from the config
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in res.output.splitlines() if "│" in ln]
+    assert {c[0] for c in cells if len(c) > 1 and c[1] == "test"} == {"0", "1"}  # --set: 2 folds
+
+
+def test_inspect_warns_about_missing_groups_and_near_duplicates_across_folds(ray_local, tmp_path):
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    root = tmp_path / "photos"
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            rng = np.random.default_rng(100 * (label == "dog") + i)
+            img = cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (64, 64), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(root / label / f"{i}.png"), img)
+    # the same photograph saved again as JPEG under another name: two "patients" in a plain folder
+    shutil.copy(root / "cat" / "0.png", root / "cat" / "copy.png")
+    cv2.imwrite(str(root / "cat" / "copy.jpg"), cv2.imread(str(root / "cat" / "0.png")), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    res = _inspect(str(root), "--folds", "2", "--image-size", "64")
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "no group given: each image counts as its own patient" in flat
+    listed = [ln for ln in res.output.splitlines() if "copy." in ln and "0.png" in ln]
+    assert "near-duplicate image pair(s) in different groups straddle folds" in flat and listed

@@ -63,11 +63,32 @@ def test_same_seed_same_folds_different_seed_different_folds():
     assert any(not np.array_equal(x.test, y.test) for x, y in zip(a, c))
 
 
-def test_fewer_groups_than_folds_is_a_clear_error():
-    with pytest.raises(DataError, match="only 3 groups for 5 folds"):
-        kfold_splits([0, 1, 0, 1], ["a", "b", "c", "c"], k=5)
+def test_too_few_groups_per_class_names_the_option_the_class_and_its_groups():
+    with pytest.raises(DataError, match=r"--folds / cv.folds=5: class '1' has only 1 group"):
+        kfold_splits([0, 1, 0, 1], ["a", "b", "c", "b"], k=5)
+    # 8 patients of one class, 2 of the other: 3 of 5 test folds would hold no minority case
+    labels, groups = [0] * 8 + [1] * 2, [f"p{i}" for i in range(10)]
+    with pytest.raises(DataError, match=r"class 'ALL' has only 2 group\(s\).*add patients"):
+        kfold_splits(labels, groups, k=5, class_names=["HLT", "ALL"])
+    with pytest.raises(DataError, match=r"lower --folds / cv.folds to 3"):  # 3 groups: 3 folds fit
+        kfold_splits([0] * 8 + [1] * 3, [f"p{i}" for i in range(11)], k=5)
     with pytest.raises(DataError, match="val_fraction"):
         kfold_splits([0, 1] * 5, list("abcdefghij"), k=2, val_fraction=1.5)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_every_set_the_outer_folds_accept_gets_a_grouped_inner_split_holding_every_class(k):
+    from raycyto.data.quality import min_groups_per_class
+
+    n = min_groups_per_class(k)  # the fewest groups per class the check accepts
+    labels = np.repeat([0, 1], 2 * n)  # n patients per class, 2 images each
+    groups = np.repeat(np.arange(2 * n), 2).astype(str)
+    for s in kfold_splits(labels, groups, k=k, val_fraction=0.2, seed=3):
+        for part in (s.train, s.val, s.test):
+            assert set(labels[part]) == {0, 1}
+        assert not (set(groups[s.train]) & set(groups[s.val]))
+    with pytest.raises(DataError, match="cv.folds"):
+        kfold_splits(labels[: 4 * n - 2], groups[: 4 * n - 2], k=k)  # one patient fewer in class 1
 
 
 def test_zero_val_fraction_gives_empty_validation():

@@ -36,25 +36,33 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int)
     Args:
         batch: columns of ROW_COLUMNS, [B] each.
     Returns:
-        the batch plus ``image`` ([B] of [S,S,3] uint8, or [0,0,3] on error) and ``error`` ([B] str).
+        the batch plus ``image`` ([B] of [S,S,3] uint8, or [0,0,3] on error), ``error`` ([B]
+        str) and ``fingerprint`` ([B] str: the perceptual hash of the decoded image for
+        near-duplicate checks, ``raycyto.data.quality.fingerprint``; "" on error).
     """
     import cv2
 
+    from raycyto.data.quality import fingerprint
+
     cv2.setNumThreads(1)  # one Ray task per CPU already; cv2's own threads would oversubscribe
-    images, errors = [], []
+    images, errors, prints = [], [], []
     for path in batch["path"]:
         try:
             images.append(load_image(str(path), image_size, max_pixels))
+            prints.append(fingerprint(images[-1]))
             errors.append("")
         except DecodeError as e:
             images.append(np.zeros(EMPTY_IMAGE_SHAPE, np.uint8))
             errors.append(e.reason)
+            prints.append("")
         except Exception as e:  # noqa: BLE001 - one odd file must not fail the whole dataset
             images.append(np.zeros(EMPTY_IMAGE_SHAPE, np.uint8))
             errors.append(f"unreadable ({type(e).__name__}: {e})")
+            prints.append("")
     out = dict(batch)
     out["image"] = images
     out["error"] = np.array(errors, dtype=object)
+    out["fingerprint"] = np.array(prints, dtype=object)
     return out
 
 
@@ -64,7 +72,7 @@ def expand_batch(batch: dict[str, np.ndarray], policy: str, copies: int, seed: i
     Returns:
         columns of ROW_COLUMNS + image, error, copy (int64); [B'] rows, B' = copies * good + bad.
     """
-    cols: dict[str, list] = {c: [] for c in (*ROW_COLUMNS, "image", "error", "copy")}
+    cols: dict[str, list] = {c: [] for c in (*ROW_COLUMNS, "image", "error", "fingerprint", "copy")}
     for i, path in enumerate(batch["path"]):
         bad = bool(batch["error"][i])
         key = "" if bad else image_key(batch["image"][i])  # content, not location
@@ -74,6 +82,7 @@ def expand_batch(batch: dict[str, np.ndarray], policy: str, copies: int, seed: i
             img = batch["image"][i]
             cols["image"].append(img if bad else augment(img, policy, seed, key, c))
             cols["error"].append(batch["error"][i])
+            cols["fingerprint"].append(batch["fingerprint"][i])
             cols["copy"].append(c)
     out = {k: np.array(v, dtype=object) for k, v in cols.items() if k not in ("image", "label", "copy")}
     out["label"] = np.array(cols["label"], dtype=np.int64)
@@ -165,7 +174,18 @@ def bad_file_report(ds: "ray.data.Dataset") -> pd.DataFrame:
     Only the path and error columns reach the driver, never the images. A warning lists the
     count and the first bad paths.
     """
-    rows = ds.select_columns(["path", "error"]).to_pandas()
+    return _bad_rows(ds.select_columns(["path", "error"]).to_pandas())
+
+
+def scan_images(ds: "ray.data.Dataset") -> tuple[pd.DataFrame, dict[str, str]]:
+    """One pass over an :func:`image_dataset`: the bad-file report and the fingerprint of every
+    readable image (copy 0), ``{path: fingerprint}`` (only these columns reach the driver)."""
+    rows = ds.select_columns(["path", "error", "fingerprint", "copy"]).to_pandas()
+    good = rows[(rows["error"].astype(str) == "") & (rows["copy"] == 0)]
+    return _bad_rows(rows), dict(zip(good["path"].astype(str), good["fingerprint"].astype(str)))
+
+
+def _bad_rows(rows: pd.DataFrame) -> pd.DataFrame:
     bad = rows[rows["error"].astype(str) != ""].rename(columns={"error": "reason"})
     # an empty result may have no columns at all: reindex so the report always has both
     bad = bad.reindex(columns=["path", "reason"]).astype({"path": str, "reason": str})
@@ -205,7 +225,7 @@ def load_arrays(ds: "ray.data.Dataset") -> dict[str, np.ndarray]:
         image [N,S,S,3] uint8, label [N] int64, label_name, path, group [N] str, copy [N] int64.
     """
     cols: dict[str, list] = {c: [] for c in (*ROW_COLUMNS, "image", "copy", "error")}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=256):
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=256):  # fingerprints stay behind
         for c in cols:
             cols[c].extend(list(batch[c]))
     errors = np.array(cols.pop("error"), dtype=object)

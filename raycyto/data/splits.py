@@ -34,17 +34,20 @@ def _inner_split(labels: np.ndarray, groups: np.ndarray, idx: np.ndarray, val_fr
 
     if val_fraction <= 0:
         return idx, idx[:0]
-    n_groups = len(np.unique(groups[idx]))
-    n_splits = min(max(2, round(1 / val_fraction)), n_groups)
+    # as many inner folds as 1/val_fraction, but no more than the smallest class has groups on
+    # this training side, so the validation split holds every class (and training keeps one)
+    per_class = [len(np.unique(groups[idx][labels[idx] == c])) for c in np.unique(labels)]
+    n_splits = min(max(2, round(1 / val_fraction)), min(per_class))
     if n_splits < 2:
-        raise DataError(f"fold {fold}: the training side holds {n_groups} group(s); "
-                        "need at least 2 for a validation split (add groups or set cv.val_fraction=0)")
+        raise DataError(f"fold {fold}: a class has {min(per_class)} group(s) on the training side; a grouped "
+                        "validation split needs at least 2 (lower --folds / cv.folds, or add patients)")
     inner = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + 1000 + fold)
     tr, va = next(inner.split(idx, labels[idx], groups[idx]))
     return np.sort(idx[tr]), np.sort(idx[va])
 
 
-def kfold_splits(labels, groups, k: int = 5, val_fraction: float = 0.2, seed: int = 0) -> list[Split]:
+def kfold_splits(labels, groups, k: int = 5, val_fraction: float = 0.2, seed: int = 0,
+                 class_names=None) -> list[Split]:
     """Stratified group k-fold (outer) with a grouped stratified train/val split inside each fold.
 
     Args:
@@ -54,10 +57,14 @@ def kfold_splits(labels, groups, k: int = 5, val_fraction: float = 0.2, seed: in
         val_fraction: share of the training groups held out for validation (0 = none);
             the inner split is one fold of a StratifiedGroupKFold with round(1/val_fraction) folds.
         seed: shuffling seed; the same seed gives the same splits.
+        class_names: names for messages (default: the label values).
     Returns:
-        k Splits with disjoint groups between train, val and test.
+        k Splits with disjoint groups between train, val and test; every test fold and every
+        validation split holds every class.
     Raises:
-        DataError: fewer groups than folds, k < 2, or val_fraction outside [0, 1).
+        DataError: a class with too few groups for k folds (:func:`raycyto.data.quality.check_folds`:
+            the message names --folds / cv.folds, the class and its group count), k < 2, or
+            val_fraction outside [0, 1).
     """
     import warnings
 
@@ -71,10 +78,11 @@ def kfold_splits(labels, groups, k: int = 5, val_fraction: float = 0.2, seed: in
         raise DataError(f"cv.folds={k}: need at least 2 folds")
     if not 0 <= val_fraction < 1:
         raise DataError(f"cv.val_fraction={val_fraction}: must be in [0, 1)")
-    n_groups = len(np.unique(codes))
-    if n_groups < k:
-        raise DataError(f"only {n_groups} groups for {k} folds: every fold needs at least one group "
-                        "(lower cv.folds or add patients/images)")
+    from raycyto.data.quality import check_folds
+
+    present = np.unique(labels)  # classes of this source, in label order
+    names = [str(class_names[int(c)]) if class_names is not None else str(c) for c in present]
+    check_folds(np.searchsorted(present, labels), codes, names, k)
     outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     idx = np.arange(len(labels))
     splits = []

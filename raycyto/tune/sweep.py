@@ -43,7 +43,7 @@ def prepare_data(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tupl
     Returns:
         (SourceTable of readable images, bad-file report DataFrame path, reason).
     """
-    from raycyto.data.pipeline import bad_file_report, image_dataset
+    from raycyto.data.pipeline import image_dataset, scan_images
     from raycyto.data.sources import SourceTable, read_source
 
     source = cfg.data.source
@@ -57,24 +57,58 @@ def prepare_data(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tupl
             generate(syn.task, out, patients=syn.patients, per_patient=syn.per_patient, seed=syn.seed,
                      size=syn.size, progress=progress, **kw)
         source = str(out)
-    table = read_source(source, cfg.data.classes)
-    bad = bad_file_report(image_dataset(table, cfg.data.image_size))  # one decode pass, originals only
+    table = read_source(source)
+    if cfg.data.classes is not None:
+        missing = [c for c in cfg.data.classes if c not in table.class_names]
+        if missing:
+            raise ConfigError("data.classes", f"{missing} not in the data at {source} (its classes: "
+                                              f"{table.class_names}); pass --set 'data.classes=[{', '.join(table.class_names)}]' "
+                                              "(or a subset), or --set data.classes=null to use every class")
+        table = read_source(source, cfg.data.classes)
+    bad, fingerprints = scan_images(image_dataset(table, cfg.data.image_size))  # one decode pass, originals only
     ok = table.df[~table.df["path"].astype(str).isin(set(bad["path"]))].reset_index(drop=True)
     if ok.empty:
         raise RaycytoError(f"data.source {cfg.data.source!r}: no readable images ({len(bad)} bad files)")
+    ok = ok.assign(fingerprint=ok["path"].astype(str).map(fingerprints))
     return SourceTable(df=ok, class_names=list(table.class_names)), bad
 
 
 def resolve_positive(cfg: SweepConfig, class_names: list[str]) -> Optional[int]:
     """Index of ``data.positive_class``; required for binary tasks, optional otherwise."""
     name = cfg.data.positive_class
+    how = f"pass --positive-class {class_names[-1]} (or --set data.positive_class={class_names[-1]})"
     if name is None:
         if len(class_names) == 2:
-            raise ConfigError("data.positive_class", f"required for a binary task; one of {class_names}")
+            raise ConfigError("data.positive_class", f"required for a binary task (the class whose recall "
+                                                     f"matters most), one of {class_names}: {how}")
         return None
     if name not in class_names:
-        raise ConfigError("data.positive_class", f"{name!r} is not a class of the data {class_names}")
+        raise ConfigError("data.positive_class", f"{name!r} is not a class of the data {class_names}; "
+                                                 + (how if len(class_names) == 2 else
+                                                    "set it to one of them, or --set data.positive_class=null"))
     return class_names.index(name) if len(class_names) == 2 else None
+
+
+def check_resources(cfg: SweepConfig, started_here: bool) -> None:
+    """Fail at once when a trial asks for more than the Ray cluster has (Tune would wait forever).
+
+    On a Ray this process started, resources are fixed: more GPUs (or CPUs) per trial than it
+    has is a ConfigError naming the field. On a cluster (``RAY_ADDRESS``) an autoscaler may
+    still add such nodes, so the sweep only warns.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    res = cfg.resources
+    for name, field_name, want in (("GPU", "resources.gpus_per_trial", res.gpus_per_trial),
+                                   ("CPU", "resources.cpus_per_trial", res.cpus_per_trial)):
+        if want > have.get(name, 0) + 1e-9:
+            msg = (f"each trial asks for {want:g} {name}(s) and the Ray cluster has {have.get(name, 0):g}; "
+                   f"pass --set {field_name}={'0' if name == 'GPU' else '1'}")
+            if started_here:
+                raise ConfigError(field_name, msg)
+            _log(True, f"[yellow]warning:[/yellow] {field_name}: {msg}, or trials wait until the autoscaler "
+                       f"adds such nodes")
 
 
 def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
@@ -89,10 +123,18 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
     from raycyto.tune.features import compute_features
     from raycyto.tune.trainable import TrialContext
 
+    from raycyto.data.quality import describe_duplicates, group_warning, near_duplicates, test_folds_of
+
     table, bad = prepare_data(cfg, exp_dir, progress)
     positive = resolve_positive(cfg, list(table.class_names))
     labels, groups = table.df["label"].to_numpy(), table.df["group"].astype(str).to_numpy()
-    splits = kfold_splits(labels, groups, k=cfg.cv.folds, val_fraction=cfg.cv.val_fraction, seed=cfg.cv.seed)
+    splits = kfold_splits(labels, groups, k=cfg.cv.folds, val_fraction=cfg.cv.val_fraction, seed=cfg.cv.seed,
+                          class_names=table.class_names)
+    pairs = near_duplicates(table.df["path"].astype(str), table.df["fingerprint"], groups,
+                            test_folds_of(len(groups), splits))
+    warnings = [w for w in (group_warning(table), describe_duplicates(pairs)) if w]
+    for w in warnings:
+        _log(progress, f"[yellow]warning:[/yellow] {w}")
     refs = {}
     for backbone in cfg.grid.backbones if "frozen" in cfg.grid.finetune and cache_features else ():
         t0 = time.time()
@@ -111,6 +153,8 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
         "folds": [{"fold": s.fold, "train": paths[s.train].tolist(), "val": paths[s.val].tolist(),
                    "test": paths[s.test].tolist()} for s in splits],
         "bad_files": bad.to_dict("records"),
+        "near_duplicates": pairs.head(100).to_dict("records"),
+        "warnings": warnings,
     }
     return ctx, data
 
@@ -197,8 +241,17 @@ def _trial_id(result: Any) -> str:
     return match.group(1) if match else Path(result.path).name
 
 
-def collect(grid: Any, cfg: SweepConfig, exp_dir: Path) -> pd.DataFrame:
-    """Write results.csv and predictions.parquet from a ResultGrid and the per-fold files."""
+def head_has_dropout(cfg: SweepConfig, head: str) -> bool:
+    """Whether a grid head's MC passes can differ (it holds dropout with p > 0)."""
+    from raycyto.models.heads import build_head
+    from raycyto.models.mc import has_mc_dropout
+
+    return has_mc_dropout(build_head(head, 8, 2, **cfg.grid.head_kwargs.get(head, {})))
+
+
+def collect(grid: Any, cfg: SweepConfig, exp_dir: Path, baselines: Optional[list[dict]] = None) -> pd.DataFrame:
+    """Write results.csv and predictions.parquet from a ResultGrid, the baseline rows and the
+    per-fold files."""
     rows = []
     for r in grid:
         c, m = r.config or {}, r.metrics or {}
@@ -209,8 +262,12 @@ def collect(grid: Any, cfg: SweepConfig, exp_dir: Path) -> pd.DataFrame:
         for split in ("val", "test"):
             row.update({f"{split}_{k}": m.get(f"{split}_{k}", np.nan) for k in METRICS})
         row.update({"time_s": m.get("time_total_s", np.nan), "history_dir": f"histories/{tid}",
-                    "checkpoint_dir": f"checkpoints/{tid}", "error": "" if r.error is None else str(r.error)[:500]})
+                    "checkpoint_dir": f"checkpoints/{tid}", "error": "" if r.error is None else str(r.error)[:500],
+                    "baseline": False, "mc_dropout": head_has_dropout(cfg, c.get("head"))})
         rows.append(row)
+    for b in baselines or []:
+        rows.append({**b, "history_dir": f"histories/{b['trial_id']}", "checkpoint_dir": f"checkpoints/{b['trial_id']}",
+                     "error": ""})
     results = pd.DataFrame(rows).sort_values(["backbone", "finetune", "head", "trial_id"]).reset_index(drop=True)
     results.to_csv(exp_dir / "results.csv", index=False)
     parts = sorted((exp_dir / "predictions").glob("*/fold*.parquet"))
@@ -272,25 +329,34 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         dump_config(cfg, exp_dir / "config.yaml")
+    import ray
+
     from raycyto.data.pipeline import ensure_ray
 
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray()
+    check_resources(cfg, started_here)
     _warn_if_not_shared(cfg, exp_dir)
     started = time.time()
     ctx, data = build_context(cfg, exp_dir, progress, cache_features=cache_features)
     _write_experiment(cfg, ctx, data, exp_dir, started, None)
+    from raycyto.tune.probe import run_probes
+
+    baselines = run_probes(ctx, progress)  # seconds: the linear probe of every cached backbone
+    if ctx.artifact_uri:
+        _fetch_artifacts(ctx.artifact_uri, exp_dir)
     tuner, _ = _tuner(cfg, ctx, exp_dir, progress, restore=resume)
     t_fit = time.time()
     grid = tuner.fit()
     tune_wall = time.time() - t_fit
     if ctx.artifact_uri:
         _fetch_artifacts(ctx.artifact_uri, exp_dir)
-    results = collect(grid, cfg, exp_dir)
+    collect(grid, cfg, exp_dir, baselines)
     _write_experiment(cfg, ctx, data, exp_dir, started, time.time(), tune_wall)
     if ctx.artifact_uri:
         _upload(exp_dir, ctx.artifact_uri)
     if progress:
-        print_summary(results, cfg)
+        print_summary(exp_dir, data["warnings"])
     return exp_dir
 
 
@@ -312,26 +378,59 @@ def _upload(exp_dir: Path, uri: str) -> None:
             copy_tree(str(entry), f"{uri}/{entry.name}")
 
 
-def print_summary(results: pd.DataFrame, cfg: SweepConfig, top: int = 10) -> None:
-    """Rich table of the best trials by the search metric (fold-averaged validation)."""
+def print_summary(exp_dir: Path, warnings: Optional[list[str]] = None, top: int = 10) -> None:
+    """Rich table of the configurations ranked by the one selection rule (the report's and
+    export's), baselines included and marked, then the data warnings again."""
     from rich.console import Console
     from rich.table import Table
 
-    metric = cfg.search.metric
-    ok = results[results["status"] == "TERMINATED"]
-    best = ok.sort_values(metric, ascending=cfg.search.resolved_mode == "min").head(top)
-    table = Table(title=f"best trials by {metric} (mean over {cfg.cv.folds} folds); "
-                        f"{len(ok)}/{len(results)} trials finished")
-    for col in ("trial_id", *CELL, "lr", "batch_size", metric, "test_accuracy", "test_auc", "time_s"):
+    from raycyto.analysis.load import load_experiment
+    from raycyto.analysis.tables import resolve_rule, selection_table
+
+    exp = load_experiment(exp_dir)
+    rule = resolve_rule(exp)
+    sel = selection_table(exp, rule)
+    res = exp.results.set_index("trial_id")
+    shown = pd.concat([sel[~sel["baseline"]].head(top), sel[sel["baseline"]]])
+    ok = (exp.results["status"] == "TERMINATED").sum()
+    table = Table(title=f"configurations by {rule.describe()}; {ok}/{len(exp.results)} trials finished")
+    cols = ("config", "trial_id", "lr", "batch_size", f"val {rule}", "test_accuracy", "test_auc", "")
+    for col in cols:
         table.add_column(col)
-    for _, r in best.iterrows():
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in
-                        ("trial_id", *CELL, "lr", "batch_size", metric, "test_accuracy", "test_auc", "time_s")])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs: no 80-column cut
+    for _, r in shown.iterrows():
+        t = res.loc[r["trial_id"]]
+        mark = "best (exported)" if r["best"] else ("baseline" if r["baseline"] else "")
+        table.add_row(r["config"], str(r["trial_id"]), *(f"{v:.4g}" if pd.notna(v) else "-" for v in
+                      (t["lr"], t["batch_size"], r["val_score"], t["test_accuracy"], t["test_auc"])), mark)
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no 80-column cut
+    console.print(table)
+    for w in warnings or []:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def configure(config: Path, data: Optional[str] = None, storage: Optional[str] = None,
+              positive_class: Optional[str] = None, sets: tuple[str, ...] = ()) -> SweepConfig:
+    """Load a sweep config and apply the command-line overrides, each through the typed checks.
+
+    Args:
+        config: YAML config.
+        data: overrides ``data.source``; storage: overrides ``storage``;
+        positive_class: overrides ``data.positive_class`` (the one option a two-class folder needs).
+        sets: ``section.field=value`` assignments (``--set``), applied last.
+    Raises:
+        ConfigError: naming the field.
+    """
+    cfg = load_config(config)
+    updates = {k: v for k, v in (("data.source", data), ("storage", storage),
+                                 ("data.positive_class", positive_class)) if v is not None}
+    if updates:
+        cfg = cfg.replace(**updates)
+    return cfg.override(sets)
 
 
 def sweep_main(config: Optional[Path] = None, data: Optional[str] = None, out: Optional[Path] = None,
-               resume: Optional[Path] = None, progress: bool = True, storage: Optional[str] = None) -> Path:
+               resume: Optional[Path] = None, progress: bool = True, storage: Optional[str] = None,
+               positive_class: Optional[str] = None, sets: tuple[str, ...] = ()) -> Path:
     """What ``raycyto sweep`` and ``jobs/sweep.py`` run: load, override, sweep or resume.
 
     Args:
@@ -341,19 +440,17 @@ def sweep_main(config: Optional[Path] = None, data: Optional[str] = None, out: O
         resume: an interrupted EXP_DIR to continue.
         progress: rich progress and the summary table.
         storage: overrides ``storage`` (a folder, or an object-store URI such as s3://bucket/prefix).
+        positive_class: overrides ``data.positive_class``.
+        sets: ``--set section.field=value`` overrides.
 
     Returns:
         The experiment directory.
     """
     if resume is not None:
-        if config is not None or data is not None or storage is not None:
-            raise ConfigError("--resume", "takes no --config/--data/--storage: the sweep's own config.yaml is used")
+        if config is not None or data is not None or storage is not None or positive_class or sets:
+            raise ConfigError("--resume", "takes no --config/--data/--storage/--positive-class/--set: "
+                                          "the sweep's own config.yaml is used")
         return resume_sweep(resume, progress=progress)
     if config is None:
         raise ConfigError("--config", "a sweep config YAML is required (e.g. jobs/configs/demo.yaml)")
-    cfg = load_config(config)
-    if data is not None:
-        cfg = cfg.replace(**{"data.source": data})
-    if storage is not None:
-        cfg = cfg.replace(storage=storage)
-    return run_sweep(cfg, out=out, progress=progress)
+    return run_sweep(configure(config, data, storage, positive_class, tuple(sets)), out=out, progress=progress)
