@@ -12,28 +12,34 @@ import typer
 
 
 def export(
-    exp_dir: Path = typer.Argument(..., help="experiment folder written by `raycyto sweep`"),
-    out: str = typer.Option(..., "--out", "-o", help="folder (or s3://... URI) to write the model bundle to"),
-    best: Optional[str] = typer.Option(None, "--best", help="selection metric (default: the sweep's)"),
-    trial: Optional[str] = typer.Option(None, "--trial", help="export this trial id instead"),
+    exp_dir: Path = typer.Argument(..., help="experiment folder written by `raycyto sweep`, or a main-job "
+                                   "folder such as runs/demo (its experiment/ is used)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="folder (or s3://... URI) for the model bundle "
+                                      "(default: runs/demo/model for a main-job folder, else EXP_DIR/model)"),
+    select: Optional[str] = typer.Option(None, "--select", help="selection rule, the same as `raycyto report "
+                                         "--select` (default: the sweep's search metric), e.g. auc or "
+                                         "recall@specificity>=0.9"),
+    trial: Optional[str] = typer.Option(None, "--trial", help="export this trial id instead (a baseline such "
+                                        "as probe-efficientnet_lite0 only this way)"),
 ) -> None:
-    """Export the best trial (by validation metric) of a sweep as a servable model bundle.
+    """Export the configuration the report calls best (chosen on validation folds) as a servable bundle.
 
-    Example: raycyto export runs/demo --out runs/demo/model --best auc
+    Example: raycyto export runs/demo --select auc
     """
     from raycyto.errors import RaycytoError
     from raycyto.serve.export import export_model
     from raycyto.storage import read_text
 
     try:
-        path = export_model(exp_dir, out, best=best, trial=trial)
+        path = export_model(exp_dir, out, select=select, trial=trial)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     meta = json.loads(read_text(f"{path}/model.json"))
-    sel = meta.get("selection", {})
-    typer.echo(f"exported trial {sel.get('trial_id')} fold {sel.get('fold')} "
-               f"({sel.get('metric')}={meta.get('metrics', {}).get('val', {})}) -> {path}")
+    sel, test = meta.get("selection", {}), meta.get("metrics", {}).get("test", {})
+    typer.echo(f"exported {meta.get('name')} (trial {sel.get('trial_id')}, fold {sel.get('fold')}; "
+               f"rule {sel.get('rule')}); that fold's test accuracy {test.get('accuracy', float('nan')):.3f}, "
+               f"balanced accuracy {test.get('balanced_accuracy', float('nan')):.3f} -> {path}")
 
 
 def serve(
@@ -102,24 +108,31 @@ def serve(
 
 
 def predict(
-    model_dir: str = typer.Argument(..., help="model bundle written by `raycyto export` (folder or s3://... URI)"),
+    model_dir: str = typer.Argument(..., help="model bundle written by `raycyto export` (folder, main-job "
+                                    "folder such as runs/demo, or s3://... URI)"),
     images: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, TIFF, BMP)"),
-    passes: Optional[int] = typer.Option(None, "--passes"),
-    threshold: Optional[float] = typer.Option(None, "--threshold"),
-    seed: int = typer.Option(0, "--seed", help="same seed as the endpoint -> same numbers"),
+    passes: Optional[int] = typer.Option(None, "--passes", help="MC-dropout passes (default: the bundle's)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="refer below this vote confidence "
+                                              "(default: the bundle's)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="MC seed (default: the bundle's, as the endpoint; "
+                                       "same seed -> same numbers)"),
     fan_out: Optional[int] = typer.Option(None, "--fan-out", help="chunking; match the endpoint's"),
     mc_replicas: int = typer.Option(2, "--mc-replicas", help="the endpoint's MC replicas (full-scope default chunking)"),
 ) -> None:
     """Predict images offline, in-process; prints one JSON object per image (same JSON as /predict).
 
-    Example: raycyto predict runs/demo/model cell1.png cell2.jpg --passes 100
+    Example: raycyto predict runs/demo cell1.png cell2.jpg --passes 100
     """
     from raycyto.errors import RaycytoError
     from raycyto.serve.predict import LocalPredictor
     from raycyto.serve.validation import ClientError
 
+    from raycyto.data.decode import is_uri
+    from raycyto.models.bundle import find_bundle_dir
+
     try:
-        predictor = LocalPredictor(model_dir, fan_out=fan_out, mc_replicas=mc_replicas, seed=seed)
+        predictor = LocalPredictor(model_dir if is_uri(model_dir) else find_bundle_dir(model_dir),
+                                   fan_out=fan_out, mc_replicas=mc_replicas, seed=seed)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
