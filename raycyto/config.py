@@ -238,11 +238,14 @@ class MCConfig:
 
     passes: int = 100
     threshold: float = 0.8
+    ood_false_alarm: Optional[float] = 0.05  # OOD guard: share of in-distribution cases flagged; null: no guard
 
     def _check(self, prefix: str) -> None:
         _positive(self, prefix, "passes")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"{prefix}.threshold", f"expected 0 < value <= 1, got {self.threshold}")
+        if self.ood_false_alarm is not None and not 0 < self.ood_false_alarm < 1:
+            raise ConfigError(f"{prefix}.ood_false_alarm", f"expected 0 < value < 1 or null, got {self.ood_false_alarm}")
 
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")  # what pyarrow.fs opens

@@ -24,20 +24,35 @@ def exp(tiny_experiment) -> dict:
             "meta": json.loads((d / "experiment.json").read_text())}
 
 
+def _trained(res: pd.DataFrame) -> pd.DataFrame:
+    return res[~res["baseline"].astype(bool)]
+
+
 def test_every_grid_cell_times_fold_is_present(exp):
+    from raycyto.tune.probe import PROBE_CS
+
     res, d = exp["results"], exp["dir"]
-    assert sorted(res.groupby("head").size().items()) == [("a", 2), ("k", 2)]  # cells x samples
+    trained = _trained(res)
+    assert sorted(trained.groupby("head").size().items()) == [("a", 2), ("k", 2)]  # cells x samples
+    probe = res[res["baseline"].astype(bool)]  # the linear probe: one row per backbone, beside them
+    assert probe[["trial_id", "head", "mc_dropout"]].values.tolist() == [["probe-efficientnet_lite0", "probe", False]]
+    assert trained.set_index("head")["mc_dropout"].to_dict() == {"a": False, "k": True}
     assert (res["status"] == "TERMINATED").all() and (res["folds_done"] == FOLDS).all()
-    for tid in res["trial_id"]:
+    for tid, head in zip(res["trial_id"], res["head"]):
         for k in range(FOLDS):
             hist = read_csv(d / "histories" / tid / f"fold{k}.csv")
-            assert {"epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall",
-                    "val_auc", "train_auc"} <= set(hist.columns) and len(hist) == 2
+            assert {"epoch", "val_loss", "val_accuracy", "val_auc"} <= set(hist.columns)
+            assert len(hist) == (len(PROBE_CS) if head == "probe" else 2)  # C values tried / epochs
             model = json.loads((d / "checkpoints" / tid / f"fold{k}" / "model.json").read_text())
-            assert model["head"] in ("a", "k") and model["class_names"] == exp["meta"]["class_names"]
+            assert model["head"] == head and model["class_names"] == exp["meta"]["class_names"]
+            used = json.loads((d / "histories" / tid / f"fold{k}_data.json").read_text())
+            assert "ood.npz" in model["files"] and model["ood"]["false_alarm_rate"] == 0.05  # the fold's guard,
+            assert model["ood"]["n_calibration"] == len(used["val"])  # thresholded on its validation images
+            assert model["ood"]["n_train"] == used["train_rows"]
     assert set(exp["preds"].groupby(["trial_id", "fold"]).size().index) == {
         (t, k) for t in res["trial_id"] for k in range(FOLDS)}
     assert np.isfinite(res[["val_accuracy", "test_accuracy", "val_loss"]].to_numpy()).all()
+    assert exp["preds"]["subtype"].notna().all()  # manifest metadata travels with every prediction
 
 
 def test_predictions_cover_every_test_image_exactly_once_per_trial(exp):
@@ -72,7 +87,7 @@ def test_no_test_image_or_group_in_its_trials_training_or_validation_data(exp, k
 def test_searcher_learns_from_fold_averaged_validation_metric(exp):
     d, res = exp["dir"], exp["results"]
     log = [r for r in read_search_log(d / "search_log.jsonl") if not r["error"]]
-    assert sorted(r["trial_id"] for r in log) == sorted(res["trial_id"])
+    assert sorted(r["trial_id"] for r in log) == sorted(_trained(res)["trial_id"])
     for row in log:
         per_fold = []
         for k in range(FOLDS):
@@ -94,5 +109,5 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint_and_finishes(exp)
     assert sorted(e["fold"] for e in events if e["event"] == "fold_done") == list(range(FOLDS))
     row = exp["results"].set_index("trial_id").loc[failed]
     assert row["status"] == "TERMINATED" and row["folds_done"] == FOLDS
-    for tid in set(exp["results"]["trial_id"]) - {failed}:
+    for tid in set(_trained(exp["results"])["trial_id"]) - {failed}:
         assert sum(e["event"] == "start" for e in read_events(d, tid)) == 1

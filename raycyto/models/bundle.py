@@ -8,6 +8,8 @@ Layout of a bundle directory::
     head.pt        head state dict
     backbone.pt    backbone state dict -- only when it cannot be rebuilt from the registry:
                    fine-tuned backbones, or random (pretrained=False) ones
+    ood.npz        optional out-of-distribution guard (:class:`raycyto.models.ood.MahalanobisGuard`
+                   fitted on the fold's training features; arrays + JSON meta, no pickle)
 
 A frozen pretrained backbone is not copied: ``model.json["backbone_weights"]`` names the
 registry checkpoint and its SHA-256, and loading rebuilds it through the verified,
@@ -34,7 +36,10 @@ def _backbone_saved(cfg: dict) -> bool:
     return cfg["finetune"] != "frozen" or not cfg["pretrained"]
 
 
-def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None) -> Path:
+GUARD_FILE = "ood.npz"
+
+
+def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None, guard: object | None = None) -> Path:
     """Write ``model`` as a bundle.
 
     Args:
@@ -42,6 +47,8 @@ def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None) -> P
         model: a :class:`Classifier` from :func:`build_classifier`.
         meta: extra keys for model.json (``class_names``, ``positive_class``, ``mc``,
             config, metrics...); they may not override the keys written here.
+        guard: optional :class:`~raycyto.models.ood.MahalanobisGuard` (written as ood.npz,
+            its settings under model.json ``ood``).
     Returns:
         path of model.json.
     """
@@ -58,6 +65,10 @@ def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None) -> P
     for name, state in files.items():
         torch.save(state, out / name)
         digests[name] = sha256_file(out / name)
+    if guard is not None:
+        guard.save(out / GUARD_FILE)
+        digests[GUARD_FILE] = sha256_file(out / GUARD_FILE)
+        meta["ood"] = guard.meta()
     spec = model.spec
     c = cfg["num_classes"]
     pre = Preprocess.from_bundle(meta, spec)
@@ -89,14 +100,28 @@ def find_bundle_dir(path: str | Path) -> Path:
     return p
 
 
-def _load_state(path: Path, expected: str) -> dict:
+def _verify(path: Path, expected: str) -> Path:
     if not path.is_file():
         raise WeightsError(f"bundle file {path} is missing")
     actual = sha256_file(path)
     if actual != expected:
         raise WeightsError(f"SHA-256 mismatch for {path}: expected {expected}, got {actual}; "
                            "the bundle was modified or corrupted")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def _load_state(path: Path, expected: str) -> dict:
+    return torch.load(_verify(path, expected), map_location="cpu", weights_only=True)
+
+
+def load_guard(model_dir: Path, doc: dict) -> object | None:
+    """The bundle's out-of-distribution guard (checksum verified), or None when it has none."""
+    sha = (doc.get("files") or {}).get(GUARD_FILE)
+    if sha is None:
+        return None
+    from raycyto.models.ood import MahalanobisGuard
+
+    return MahalanobisGuard.load(_verify(Path(model_dir) / GUARD_FILE, sha))
 
 
 def load_bundle(model_dir: Path) -> tuple[Classifier, dict]:
@@ -118,7 +143,10 @@ def load_bundle(model_dir: Path) -> tuple[Classifier, dict]:
     except json.JSONDecodeError as e:
         raise WeightsError(f"{d / MODEL_JSON} is not valid JSON: {e}") from e
     files = doc.get("files", {})
-    states = {name: _load_state(d / name, sha) for name, sha in files.items()}
+    states = {name: _load_state(d / name, sha) for name, sha in files.items() if name.endswith(".pt")}
+    for name, sha in files.items():  # other files (ood.npz) are verified here, read by their loaders
+        if not name.endswith(".pt"):
+            _verify(d / name, sha)
     rebuild = "backbone.pt" not in states
     if rebuild:
         from raycyto.models.registry import get_spec

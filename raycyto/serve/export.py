@@ -93,7 +93,7 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
     from raycyto.analysis.load import load_experiment, resolve_experiment_dir
     from raycyto.analysis.selection import best_fold
     from raycyto.analysis.tables import resolve_rule, select_best
-    from raycyto.models.bundle import load_bundle, save_bundle
+    from raycyto.models.bundle import load_bundle, load_guard, save_bundle
 
     exp_dir = resolve_experiment_dir(exp_dir)
     if out is None:
@@ -146,7 +146,7 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
         raise ConfigError("--out", f"{out} exists and is not a model bundle; choose an empty folder")
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_bundle(tmp, model, enriched)
+    save_bundle(tmp, model, enriched, guard=load_guard(ckpt, meta))
     load_bundle(tmp)  # refuse to publish a bundle that does not verify
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -106,8 +106,8 @@ class ProbeRunner:
     def hparams(self) -> dict:
         return {"C": self.chosen_c}
 
-    def run(self, split: Any) -> tuple[Any, pd.DataFrame, dict, dict]:
-        from raycyto.tune.trainable import _evals, _used, fold_features, mc_seed
+    def run(self, split: Any) -> Any:
+        from raycyto.tune.trainable import FoldOutput, _evals, _used, fold_features, mc_seed
 
         fs, rows = fold_features(self.ctx, self.config["backbone"], self.features, split)
         train = rows["train"]
@@ -115,7 +115,8 @@ class ProbeRunner:
         head, history, best = fit_probe(data, self.ctx.task, self.cfg.train, seed=mc_seed(self.cfg, split.fold))
         self.chosen_c = float(history.loc[best - 1, "C"])
         self.bundle_model.head = head
-        return self.bundle_model, history, _evals(fs, rows), _used(fs, rows, best)
+        return FoldOutput(self.bundle_model, history, _evals(fs, rows), _used(fs, rows, best),
+                          (data.x_train, data.y_train))
 
 
 def run_probes(ctx: Any, progress: bool = True) -> list[dict]:

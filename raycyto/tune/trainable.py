@@ -66,6 +66,12 @@ class TrialContext:
     def task(self) -> Task:
         return Task(num_classes=len(self.table.class_names), positive=self.positive)
 
+    @property
+    def metadata(self) -> pd.DataFrame:
+        """``path`` + the source's metadata columns (manifest columns such as ``subtype``)."""
+        keep = [c for c in self.table.df.columns if c not in ("label", "label_name", "group", "fingerprint")]
+        return self.table.df[keep].assign(path=lambda d: d["path"].astype(str))
+
     def preprocess(self, backbone: str) -> Any:
         """The preprocessing contract of ``backbone`` under this sweep's data config."""
         from raycyto.models.preprocessing import Preprocess
@@ -133,6 +139,25 @@ def _prediction_frame(probs: np.ndarray, mc: dict, meta: pd.DataFrame, class_nam
     return df
 
 
+@dataclass
+class FoldOutput:
+    """What a runner hands to :func:`run_fold` for one fold.
+
+    Attributes:
+        model: the Classifier holding the best epoch.
+        history: one row per epoch.
+        evals: {"val", "test": (features [N, ...], labels [N], row meta with path, group)}.
+        used: the data-used record (paths trained, validated and tested on, best epoch).
+        train: (features [M, ...], labels [M]) of the training rows, for the OOD guard.
+    """
+
+    model: Any
+    history: pd.DataFrame
+    evals: dict[str, tuple]
+    used: dict
+    train: tuple[np.ndarray, np.ndarray]
+
+
 def mc_seed(cfg: SweepConfig, fold: int) -> int:
     """The MC-dropout seed of a fold's predictions (stored in its bundle, the served default)."""
     return cfg.cv.seed * 1000 + fold
@@ -188,8 +213,8 @@ class FoldRunner:
 
         return class_weights(labels, self.ctx.task.num_classes) if self.cfg.data.class_weights else None
 
-    def run(self, split: Any) -> tuple[Any, pd.DataFrame, dict[str, dict], dict]:
-        """Returns (model, history, {split: (features, labels, row meta)}, data-used record)."""
+    def run(self, split: Any) -> FoldOutput:
+        """Train and evaluate one fold."""
         return (self._run_frozen if self.frozen else self._run_finetune)(split)
 
     def _run_frozen(self, split: Any):
@@ -203,7 +228,8 @@ class FoldRunner:
                             seed=mc_seed(self.cfg, split.fold), head_kwargs=self.head_kwargs,
                             class_weight=self._class_weight(fs.label[train]))
         self.bundle_model.head = result.model
-        return self.bundle_model, result.history, _evals(fs, rows), _used(fs, rows, result.best_epoch)
+        return FoldOutput(self.bundle_model, result.history, _evals(fs, rows), _used(fs, rows, result.best_epoch),
+                          (data.x_train, data.y_train))
 
     def _run_finetune(self, split: Any):
         from raycyto.data.pipeline import image_dataset, load_arrays
@@ -225,10 +251,13 @@ class FoldRunner:
         for name, a in arrays.items():
             feats, y = extract_features(result.model, image_array_batches(a["image"], a["label"], self.pre, 64))
             evals[name] = (feats, y, pd.DataFrame({"path": a["path"], "group": a["group"]}))
+        from raycyto.tune.train import dataset_features
+
         paths = self.ctx.paths
         used = {"best_epoch": result.best_epoch, "train": sorted(set(paths[train_idx])), "train_rows": int(len(train_idx) * data.copies),
                 "val": sorted(set(arrays["val"]["path"])), "test": sorted(set(arrays["test"]["path"]))}
-        return result.model, result.history, evals, used
+        train_feats, train_labels, _ = dataset_features(result.model, train_ds, self.pre)
+        return FoldOutput(result.model, result.history, evals, used, (train_feats, train_labels))
 
 
 def fold_features(ctx: TrialContext, backbone: str, features: Any, split: Any) -> tuple[Any, dict[str, np.ndarray]]:
@@ -269,6 +298,24 @@ def _used(fs: Any, rows: dict[str, np.ndarray], best_epoch: int) -> dict:
             "test": sorted(set(fs.path[rows["test"]]))}
 
 
+def pooled(features: np.ndarray) -> np.ndarray:
+    """[N, D] features as they are; [N, C, H, W] maps averaged over positions -> [N, C]."""
+    f = np.asarray(features, dtype=np.float32)
+    return f.mean(axis=(2, 3)) if f.ndim == 4 else f
+
+
+def fit_guard(train: tuple[np.ndarray, np.ndarray], val_features: np.ndarray,
+              false_alarm: Optional[float]) -> Any:
+    """The fold's out-of-distribution guard: class-conditional Mahalanobis distance fitted on the
+    training rows' (pooled) features, thresholded on the validation images at ``false_alarm``.
+    None when disabled or when too few images."""
+    if false_alarm is None or len(train[1]) < 3 or len(val_features) < 2:
+        return None
+    from raycyto.models.ood import fit_mahalanobis
+
+    return fit_mahalanobis(pooled(train[0]), train[1]).calibrate(pooled(val_features), false_alarm)
+
+
 def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
     """Train one fold, write its history, bundle and predictions; return its metrics."""
     from raycyto.models.bundle import save_bundle
@@ -277,8 +324,10 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
 
     ctx, cfg, config = runner.ctx, runner.cfg, runner.config
     k = split.fold
-    model, history, evals, used = runner.run(split)
+    out = runner.run(split)
+    model, history, evals, used = out.model, out.history, out.evals, out.used
     seed = mc_seed(cfg, k)
+    guard = fit_guard(out.train, evals["val"][0], cfg.mc.ood_false_alarm)
     with fold_output(ctx) as exp:
         hist_dir = exp / "histories" / trial_id
         hist_dir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +338,7 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
         for name, (feats, labels, meta) in evals.items():
             probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=seed)
             meta = meta.assign(label=labels, label_name=[class_names[i] for i in labels])
+            meta = meta.merge(ctx.metadata, on="path", how="left")  # manifest columns (subtype, site...)
             frame = _prediction_frame(probs, mc, meta, class_names)
             frames.append(frame.assign(trial_id=trial_id, backbone=config["backbone"], finetune=config["finetune"],
                                        head=config["head"], fold=k, split=name))
@@ -304,7 +354,7 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
             "trial_id": trial_id, "fold": k, **runner.hparams,
             "best_epoch": used["best_epoch"],
             "metrics": {f"{s}_{m}": v for s, d in metrics.items() for m, v in d.items()},
-        })
+        }, guard=guard)
     return metrics
 
 
