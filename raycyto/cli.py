@@ -18,6 +18,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+def _version(value: bool) -> None:
+    if value:
+        from raycyto import __version__
+
+        typer.echo(f"raycyto {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Train, evaluate and serve karyogram and leukemia-smear classifiers on Ray."""
+
+
 app.add_typer(synth_cli.app, name="synth")
 app.add_typer(data_cli.app, name="data")
 app.add_typer(models_cli.app, name="models")

@@ -103,8 +103,64 @@ def _print_answers(answers: list[dict]) -> None:
             console.print(f"{a['image']}: HTTP {a['status']}: {a['body'].get('message') or a['body']}")
 
 
+def raycyto_command() -> str:
+    """How to call this ``raycyto`` from the current folder: ``raycyto`` when that is on PATH,
+    else the script beside this Python (``.venv/bin/raycyto`` after the README's set-up)."""
+    import shutil
+
+    here = Path(sys.executable).parent / "raycyto"
+    found = shutil.which("raycyto")
+    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return "raycyto"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
+
+
+def closing_summary(report_dir: Path, model_dir: Path) -> tuple[list[list[str]], list[str], list[list[str]]]:
+    """The main job's last word: the exported configuration and the probe, on test folds.
+
+    Returns:
+        (rows [what, configuration, test accuracy, balanced accuracy, AUC, referral] for the
+        exported model and each baseline, plain warnings (not better than chance, or than the
+        probe), per-stratum recall rows of the exported model when the data has strata).
+    """
+    import json
+
+    import pandas as pd
+
+    from raycyto.analysis.html import chance_warnings
+    from raycyto.analysis.load import read_csv
+
+    summary = read_csv(report_dir / "summary.csv")
+    meta = json.loads((model_dir / "model.json").read_text())
+    best = summary[summary["best"].astype(bool)].iloc[0]
+    fmt = lambda r, m: "-" if pd.isna(r[f"{m}_mean"]) else f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}"  # noqa: E731
+    metrics = ("accuracy", "balanced_accuracy", "auc", "referral_rate")
+    rows = [["exported", best["config"], *(fmt(best, m) for m in metrics)]]
+    probes = summary[summary["baseline"].astype(bool)]
+    rows += [["baseline", r["config"], *(fmt(r, m) for m in metrics)] for _, r in probes.iterrows()]
+    stats = lambda r: {m: (float(r[f"{m}_mean"]), float(r[f"{m}_std"])) for m in ("accuracy", "auc")}  # noqa: E731
+    best_probe = probes.sort_values("val_score", ascending=False).head(1)
+    warnings = chance_warnings(stats(best), int(best["folds"]),
+                               baseline=stats(best_probe.iloc[0]) if len(best_probe) else None,
+                               baseline_name="linear probe")
+    if meta.get("selection", {}).get("trial_id") != best["trial_id"]:
+        warnings.append(f"the exported trial {meta.get('selection', {}).get('trial_id')} is not the report's "
+                        f"best ({best['trial_id']}): export and report were run with different --select rules")
+    strata = []
+    if (report_dir / "strata.csv").is_file():
+        st = read_csv(report_dir / "strata.csv")
+        st = st[st["config"] == best["config"]] if "config" in st else st.iloc[:0]
+        for _, r in st.iterrows():
+            strata.append([str(r.get("column", "")), str(r.get("value", "")), str(r.get("n", "")),
+                           "-" if pd.isna(r.get("recall_mean")) else f"{r['recall_mean']:.3f} ± {r.get('recall_std', float('nan')):.3f}"])
+    return rows, warnings, strata
+
+
 def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config: Optional[Path] = None,
-                 port: int = 8000, seed: Optional[int] = None) -> RunOutputs:
+                 port: int = 8000, seed: Optional[int] = None, sets: tuple[str, ...] = ()) -> RunOutputs:
     """Run the whole pipeline once and return where its outputs are.
 
     Args:
@@ -113,6 +169,7 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
         config: sweep config (default: the task's demo config in jobs/configs).
         port: HTTP port of the temporary endpoint.
         seed: overrides the data, cross-validation and search seeds of the config.
+        sets: ``--set section.field=value`` overrides.
     Returns:
         The output paths and the endpoint's answers.
     """
@@ -133,6 +190,7 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
     cfg = load_config(config or demo_config_path(task))
     if seed is not None:
         cfg = cfg.replace(**{"data.synthetic.seed": seed, "cv.seed": seed, "search.seed": seed})
+    cfg = cfg.override(sets)
     syn = cfg.data.synthetic
     paths = {name: out / name for name in ("data", "experiment", "report", "model")}
     for name in ("experiment", "report", "model"):
@@ -172,14 +230,46 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
             serve.shutdown()
         ray.shutdown()
     _print_answers(answers)
+    _print_closing(console, Path(html).parent, paths["model"])
 
     console.rule(f"done in {time.time() - t0:.0f} s")
     for name, path in (("data", paths["data"]), ("experiment", paths["experiment"]),
                        ("report", html), ("model", paths["model"])):
         console.print(f"{name:>10}: {path}")
-    console.print(f"{'serve it':>10}: raycyto serve {paths['model']}   "
-                  f"(or: serve run serve_configs/local.yaml)")
+    exe, rel = raycyto_command(), _relative(out)
+    console.print(f"{'serve it':>10}: {exe} serve {rel}/model   (or: .venv/bin/serve run serve_configs/local.yaml)")
+    console.print(f"{'predict':>10}: {exe} predict {rel} IMAGE.png")
+    console.print(f"{'report':>10}: {exe} report {rel} --select 'recall@specificity>=0.8'")
     return RunOutputs(paths["data"], paths["experiment"], Path(html), paths["model"], answers)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _print_closing(console, report_dir: Path, model_dir: Path) -> None:
+    """Exported configuration vs the probe on test folds, per-stratum recall, plain warnings."""
+    from rich.table import Table
+
+    rows, warnings, strata = closing_summary(report_dir, model_dir)
+    table = Table(title="exported model vs the linear-probe baseline (test folds, mean ± std)")
+    for col in ("", "configuration", "accuracy", "balanced acc.", "AUC", "referral rate"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if strata:
+        st = Table(title="exported model: recall per stratum (test folds)")
+        for col in ("column", "value", "n", "recall"):
+            st.add_column(col)
+        for row in strata:
+            st.add_row(*row)
+        console.print(st)
+    for w in warnings:
+        console.print(f"[bold red]warning:[/bold red] {w}")
 
 
 def run(
@@ -188,6 +278,7 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="sweep config (default: the task's demo config)"),
     port: int = typer.Option(8000, "--port", help="port of the temporary endpoint"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the data / CV / search seeds"),
+    set_: list[str] = typer.Option([], "--set", help="override a config field (repeatable), e.g. --set train.epochs=20"),
 ) -> None:
     """The main job: synthetic data -> sweep -> report -> export -> endpoint -> answers.
 
@@ -198,7 +289,7 @@ def run(
 
     default_out = Path("runs/demo") if task == "karyogram" else Path(f"runs/{task}")
     try:
-        result = run_main_job(task, out or default_out, config, port, seed)
+        result = run_main_job(task, out or default_out, config, port, seed, tuple(set_))
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -58,3 +58,25 @@ def test_no_module_starts_ray_or_writes_files_at_import_time():
                 if any(s in src for s in ("ray.init", "mkdir", "serve.start", "makedirs")):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {src}")
     assert not offenders, offenders
+
+
+def test_every_command_option_and_argument_has_a_help_line_and_version_prints():
+    import click
+    import typer
+    from typer.testing import CliRunner
+
+    from raycyto import __version__
+    from raycyto.cli import app
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    missing = [f"{' '.join(path)} {p.name}" for path, cmd in walk(typer.main.get_command(app), [])
+               for p in cmd.params if not getattr(p, "help", None) and p.name != "help"]
+    assert not missing, missing
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"raycyto {__version__}"
