@@ -77,7 +77,8 @@ def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_
     finally:
         _stop_head(temp_dir)
     results = read_csv(out / "results.csv")
-    assert len(results) == 1 and results["status"].eq("TERMINATED").all()
+    assert results["baseline"].astype(bool).tolist() == [False, True]  # the trial, then the probe
+    assert results["status"].eq("TERMINATED").all()
     assert (out / "predictions.parquet").is_file() and (out / "checkpoints").is_dir()
 
 

@@ -14,7 +14,7 @@ from conftest import free_port
 TINY = {
     "name": "tiny-main",
     "data": {"source": "synthetic",
-             "synthetic": {"task": "karyogram", "patients": 6, "per_patient": 2, "seed": 0, "size": 96,
+             "synthetic": {"task": "karyogram", "patients": 8, "per_patient": 2, "seed": 0, "size": 96,
                            "abnormal_fraction": 0.5},
              "positive_class": "abnormal", "image_size": 96, "input_size": 32, "policy": "karyogram",
              "copies": 1},
@@ -42,9 +42,10 @@ def test_raycyto_run_makes_every_output_and_the_endpoint_answers(tmp_path):
     assert proc.returncode == 0, log[-4000:]
 
     manifest = pd.read_csv(out / "data" / "manifest.csv")
-    assert len(manifest) == 12
+    assert len(manifest) == 16
     test = pd.read_parquet(out / "experiment" / "predictions.parquet").query("split == 'test'")
-    assert len(test) == 12  # every image is a test image once
+    assert len(test.query("head == 'd'")) == 16  # every image is a test image once
+    assert len(test.query("head == 'probe'")) == 16  # and the linear probe beside it
     assert (out / "report" / "report.html").is_file() and (out / "report" / "summary.csv").is_file()
     assert (out / "model" / "model.json").is_file()
 
@@ -54,4 +55,8 @@ def test_raycyto_run_makes_every_output_and_the_endpoint_answers(tmp_path):
     assert "broken.png (truncated): HTTP 400" in log
     for name in ("report", "model"):
         assert str(out / name) in log
+    closing = [r for r in rows if r.startswith("│ exported") or r.startswith("│ baseline")]
+    assert len(closing) == 2 and "frozen/d" in closing[0] and "frozen/probe" in closing[1], "\n".join(rows)
+    serve_hint = next(line for line in log.splitlines() if "serve it:" in line)
+    assert str(raycyto) in serve_hint or str(raycyto.relative_to(tmp_path)) in serve_hint or " raycyto serve" in serve_hint
     assert "graceful_shutdown failed" not in log and "Traceback" not in log

@@ -143,6 +143,7 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
         _log(progress, f"features {backbone}: {fs.features.shape} in {time.time() - t0:.1f}s (cached)")
     ctx = TrialContext(cfg=cfg, exp_dir=str(exp_dir), table=table, splits=splits, positive=positive,
                        feature_refs=refs, fail_once=os.environ.get(FAIL_ONCE_ENV) or None,
+                       hold=os.environ.get("RAYCYTO_HOLD") or None, barrier=os.environ.get("RAYCYTO_BARRIER") or None,
                        cache_features=cache_features, artifact_uri=artifact_uri(cfg, exp_dir))
     paths = table.df["path"].astype(str).to_numpy()
     data = {

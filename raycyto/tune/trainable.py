@@ -16,8 +16,13 @@ With object storage (``storage: s3://...``) the fold files go to ``<storage>/<EX
 instead, so trials on any node of a cluster reach the driver, which fetches them; events
 stay on the trial's node (best effort, diagnostics only).
 
-Test hook: when ``TrialContext.fail_once`` names a file that does not exist yet, the trial
-creates it and raises once after its first fold (``RAYCYTO_FAIL_ONCE=<path>`` sets it).
+Test hooks (so tests wait on events, not on wall-clock time):
+- ``TrialContext.fail_once`` (``RAYCYTO_FAIL_ONCE=<path>``): when the file does not exist yet,
+  the trial creates it and raises once after its first fold;
+- ``TrialContext.hold`` (``RAYCYTO_HOLD=<gate file>:<n>``): a trial that starts after n trials
+  have finished waits until the gate file exists (an interrupt then finds unfinished work);
+- ``TrialContext.barrier`` (``RAYCYTO_BARRIER=<folder>:<n>``): a trial waits at its start
+  until n trials have started (proof that they run at the same time).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class TrialContext:
     positive: Optional[int]        # positive class index (binary) or None (multiclass)
     feature_refs: dict[str, Any] = field(default_factory=dict)
     fail_once: Optional[str] = None
+    hold: Optional[str] = None      # test hook "<gate file>:<n>"
+    barrier: Optional[str] = None   # test hook "<folder>:<n>"
     cache_features: bool = True    # False: benchmark baseline, the backbone re-runs in every fold
     artifact_uri: Optional[str] = None  # object storage for the fold files; None: EXP_DIR itself
 
@@ -358,6 +365,28 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
     return metrics
 
 
+def _wait_hooks(ctx: TrialContext, trial_id: str, timeout_s: float = 600.0) -> None:
+    """The ``hold`` and ``barrier`` test hooks (see the module docstring); no-ops otherwise."""
+    from raycyto.tune.search import read_search_log
+
+    def wait(ready, what: str) -> None:
+        deadline = time.time() + timeout_s
+        while not ready():
+            if time.time() > deadline:
+                raise RuntimeError(f"test hook: trial {trial_id} waited {timeout_s:.0f}s for {what}")
+            time.sleep(0.2)
+
+    if ctx.hold:
+        gate, n = ctx.hold.rsplit(":", 1)
+        if len(read_search_log(Path(ctx.exp_dir) / "search_log.jsonl")) >= int(n):
+            wait(lambda: Path(gate).exists(), f"the gate file {gate}")
+    if ctx.barrier:
+        folder, n = ctx.barrier.rsplit(":", 1)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / trial_id).touch()
+        wait(lambda: len(list(Path(folder).iterdir())) >= int(n), f"{n} trials to start")
+
+
 def cv_trainable(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable: run every fold not already in the checkpoint.
 
@@ -379,6 +408,7 @@ def cv_trainable(config: dict, ctx: TrialContext) -> None:
 
     _event(ctx.exp_dir, trial_id, "start", restored_folds=sorted(done), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
            device=worker_device())
+    _wait_hooks(ctx, trial_id)
     runner = FoldRunner(config, ctx)
     for split in ctx.splits:
         if split.fold in done:
