@@ -24,16 +24,18 @@ def test_sweep_with_uri_storage_publishes_fold_files_there_and_collects_them(ray
     exp = run_sweep(cfg, out=tmp_path / "exp", progress=False)
 
     remote = bucket / "exp"
-    (tid,) = read_csv(exp / "results.csv")["trial_id"]
-    for k in (0, 1):  # published by the trial itself (the final upload skips these folders)
-        assert (remote / "predictions" / tid / f"fold{k}.parquet").is_file()
-        assert (remote / "histories" / tid / f"fold{k}.csv").is_file()
-        assert (remote / "checkpoints" / tid / f"fold{k}" / "model.json").is_file()
+    tids = read_csv(exp / "results.csv")["trial_id"].tolist()
+    assert len(tids) == 2 and "probe-efficientnet_lite0" in tids  # the trial and the baseline
+    for tid in tids:
+        for k in (0, 1):  # published where they ran (the final upload skips these folders)
+            assert (remote / "predictions" / tid / f"fold{k}.parquet").is_file()
+            assert (remote / "histories" / tid / f"fold{k}.csv").is_file()
+            assert (remote / "checkpoints" / tid / f"fold{k}" / "model.json").is_file()
     assert not (exp / "tune").exists() and any((remote / "tune").iterdir())
     for name in ("results.csv", "predictions.parquet", "experiment.json", "config.yaml"):
         assert (remote / name).is_file(), name
 
-    test = pd.read_parquet(exp / "predictions.parquet").query("split == 'test'")
+    test = pd.read_parquet(exp / "predictions.parquet").query("split == 'test' and head == 'a'")
     manifest = pd.read_csv(karyo_dir / "manifest.csv")
     assert sorted(test["path"]) == sorted(str((karyo_dir / p).resolve()) for p in manifest["path"])
 
