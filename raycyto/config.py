@@ -31,6 +31,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 #: ``search.algorithm`` names; ``raycyto.tune.search.SEARCHERS`` implements exactly these.
 SEARCH_ALGORITHMS = ("optuna", "hyperopt", "bayesopt", "random")
 LOSSES = ("cross_entropy",)
+#: ``mc.refer_rule`` names (raycyto.serve.predict.ReferralPolicy applies them).
+REFER_RULES = ("vote", "set", "risk")
+#: ``mc.conformal_score`` names (raycyto.analysis.conformal.SCORES).
+CONFORMAL_SCORES = ("aps", "lac")
 
 
 def metric_mode(metric: str) -> str:
@@ -195,6 +199,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: Optional[int] = None  # stop after this many epochs without improvement
     precision: str = "fp32"         # "bf16": autocast (on the trial's GPU, or the CPU)
+    cache_prefix: bool = True       # last1/last2: run the frozen prefix once per (image, copy), cache it
 
     def _check(self, prefix: str) -> None:
         _positive(self, prefix, "epochs")
@@ -218,6 +223,7 @@ class ResourcesConfig:
     feature_actors: int = 1
     feature_batch_size: int = 32
     max_failures: int = 2
+    cache_gb: float = 8.0           # largest cached prefix (fp16) per backbone; beyond it images stream
 
     def _check(self, prefix: str) -> None:
         if self.cpus_per_trial <= 0:
@@ -228,6 +234,8 @@ class ResourcesConfig:
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError(f"{prefix}.max_concurrent", f"expected >= 1 or null, got {self.max_concurrent}")
         _positive(self, prefix, "feature_actors", "feature_batch_size")
+        if self.cache_gb < 0:
+            raise ConfigError(f"{prefix}.cache_gb", f"expected >= 0, got {self.cache_gb}")
         if self.max_failures < 0:
             raise ConfigError(f"{prefix}.max_failures", f"expected >= 0, got {self.max_failures}")
 
@@ -239,6 +247,16 @@ class MCConfig:
     passes: int = 100
     threshold: float = 0.8
     ood_false_alarm: Optional[float] = 0.05  # OOD guard: share of in-distribution cases flagged; null: no guard
+    # Referral (raycyto.analysis.referral; stored in model.json by export, applied by Serve):
+    # vote = refer when the vote confidence < threshold (the studies); set = refer when the
+    # conformal prediction set is not one class; risk = refer below the risk-controlled threshold.
+    refer_rule: str = "vote"
+    target_recall: Optional[float] = 0.95  # binary tasks: positive recall among kept cases; null: off
+    risk_delta: float = 0.1                # the guarantee holds with probability 1 - risk_delta
+    coverage: float = 0.9                  # level of the served prediction set (and of rule "set")
+    conformal_levels: tuple[float, ...] = (0.9, 0.95)  # levels calibrated and reported
+    conformal_score: str = "aps"           # served set: aps (never empty) or lac (smallest sets)
+    conformal_mondrian: bool = False       # served set: one threshold per class (class-conditional)
 
     def _check(self, prefix: str) -> None:
         _positive(self, prefix, "passes")
@@ -246,6 +264,17 @@ class MCConfig:
             raise ConfigError(f"{prefix}.threshold", f"expected 0 < value <= 1, got {self.threshold}")
         if self.ood_false_alarm is not None and not 0 < self.ood_false_alarm < 1:
             raise ConfigError(f"{prefix}.ood_false_alarm", f"expected 0 < value < 1 or null, got {self.ood_false_alarm}")
+        _choice(prefix, "refer_rule", self.refer_rule, REFER_RULES)
+        _choice(prefix, "conformal_score", self.conformal_score, CONFORMAL_SCORES)
+        if self.target_recall is not None and not 0 < self.target_recall < 1:
+            raise ConfigError(f"{prefix}.target_recall", f"expected 0 < value < 1 or null, got {self.target_recall}")
+        if not 0 < self.risk_delta < 1:
+            raise ConfigError(f"{prefix}.risk_delta", f"expected 0 < value < 1, got {self.risk_delta}")
+        for name, values in (("coverage", (self.coverage,)), ("conformal_levels", self.conformal_levels)):
+            if not values or any(not 0 < v < 1 for v in values):
+                raise ConfigError(f"{prefix}.{name}", f"expected level(s) in (0, 1) such as 0.9, got {values}")
+        if self.refer_rule == "risk" and self.target_recall is None:
+            raise ConfigError(f"{prefix}.target_recall", "refer_rule 'risk' needs a target recall (e.g. 0.95)")
 
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")  # what pyarrow.fs opens

@@ -3,9 +3,19 @@
 Ray Data decodes and augments the images (``raycyto.data.pipeline.image_dataset``) and an
 actor pool of :class:`FeatureExtractor` (the backbone is loaded once per actor, on a GPU
 when the config asks for one and the cluster has it) turns them into feature rows. The
-resulting :class:`FeatureSet` (features [M, D] float32 + row metadata, sorted by
-(path, copy)) is put in the object store once and shared by every fold, head and search
-sample of that backbone.
+resulting :class:`FeatureSet` (features + row metadata, sorted by (path, copy)) is put in
+the object store once and shared by every fold, head and search sample of that backbone.
+
+One pass of the backbone serves several *cuts* of its forward sequence
+(``raycyto.models.split``), each its own FeatureSet:
+
+- ``"pooled"``: the pooled features ``[M, D]`` float32 (frozen heads, the probe);
+- ``"last1"`` / ``"last2"``: the output of the frozen prefix of that fine-tuning mode,
+  ``[M, C, H, W]`` float16 (cached-prefix fine-tuning: only the tail runs per epoch);
+- a layer name such as ``"blocks.4"``: its feature map ``[M, C, H, W]`` float16 (spatial heads).
+
+Memory per image and copy (EfficientNet-Lite0 at 416 px): pooled 5 KB; ``last1`` (blocks.5
+output, 192 x 13 x 13) 63 KB; ``last2`` / ``"blocks.4"`` (112 x 26 x 26) 148 KB.
 
 Example::
 
@@ -32,8 +42,11 @@ class FeatureSet:
 
     Attributes:
         backbone: registry name.
-        features: [M, D] float32.
+        features: [M, D] float32 (pooled), or [M, C, H, W] float16 (maps, prefix activations).
         path, label, group, copy: [M] row metadata (str, int64, str, int64).
+        exact: float32 ``features`` of the copy-0 rows (the images as they are) when ``features``
+            is float16: what validation, test and the served model see, so the measured
+            predictions are the served ones; None otherwise.
     """
 
     backbone: str
@@ -42,6 +55,17 @@ class FeatureSet:
     label: np.ndarray
     group: np.ndarray
     copy: np.ndarray
+    exact: Optional[np.ndarray] = None
+
+    def eval_features(self, rows: np.ndarray) -> np.ndarray:
+        """Features of copy-0 ``rows`` at full precision (``exact``), else ``features[rows]``."""
+        if self.exact is None:
+            return self.features[rows]
+        originals = np.flatnonzero(self.copy == 0)
+        pos = np.searchsorted(originals, rows)
+        if (pos >= len(originals)).any() or (originals[np.minimum(pos, len(originals) - 1)] != rows).any():
+            raise ValueError("eval_features takes copy-0 rows only")
+        return self.exact[pos]
 
     def rows(self, paths: Iterable[str], copies: bool) -> np.ndarray:
         """Indices of the rows of ``paths``: every copy (``copies=True``) or copy 0 only.
@@ -60,6 +84,30 @@ class FeatureSet:
         return int(self.features.nbytes)
 
 
+POOLED = "pooled"
+
+
+def cut_index(spec: Any, cut: str) -> int:
+    """Where a cut ends in the spec's forward sequence: ``"pooled"`` at the end, a fine-tuning
+    mode at its frozen prefix, a layer name just after that layer.
+
+    Raises:
+        RaycytoError: an unknown cut (the message lists the layer names).
+    """
+    from raycyto.config import FINETUNE_MODES
+    from raycyto.errors import RaycytoError
+    from raycyto.models.split import sequence_names, split_index
+
+    names = sequence_names(spec)
+    if cut == POOLED:
+        return len(names)
+    if cut in FINETUNE_MODES and cut not in ("frozen", "full"):
+        return split_index(spec, cut)
+    if cut in names:
+        return names.index(cut) + 1
+    raise RaycytoError(f"{spec.name}: unknown feature cut {cut!r}; pooled, last1, last2 or one of {names}")
+
+
 class FeatureExtractor:
     """Callable class for ``Dataset.map_batches``: backbone built once per actor.
 
@@ -69,31 +117,54 @@ class FeatureExtractor:
             (rows arrive at its image_size; its backbone-input step runs here).
         pretrained: load ImageNet weights.
         device: "cuda" or "cpu" (default: cuda when this actor was given a GPU).
+        cuts: the outputs to keep (see the module docstring), all from one forward.
     """
 
     def __init__(self, backbone: str, preprocess: dict, pretrained: bool = True,
-                 device: Optional[str] = None) -> None:
+                 device: Optional[str] = None, cuts: tuple[str, ...] = (POOLED,)) -> None:
         from raycyto.device import worker_device
         from raycyto.models.preprocessing import Preprocess
-        from raycyto.models.registry import build_backbone
+        from raycyto.models.registry import build_backbone, get_spec
+        from raycyto.models.split import sequence_names
 
+        spec = get_spec(backbone)
         self.pre = Preprocess.from_dict(preprocess)
         self.device = device or worker_device()
         self.model = build_backbone(backbone, pretrained).eval().to(self.device)
+        self.cuts = {cut: cut_index(spec, cut) for cut in cuts}
+        names = sequence_names(spec)
+        self.modules = [self.model.get_submodule(n) for n in names[:max(self.cuts.values())]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """[B] image rows -> [B] feature rows (``features`` [B, D] float32)."""
+        """[B] image rows -> [B] feature rows: ``features`` [B, D] float32 for the pooled cut,
+        ``features:<cut>`` [B, C, H, W] for the others (float32; the driver keeps float16
+        except for the copy-0 rows)."""
         import torch
 
         x = self.pre.to_tensor(np.stack(list(batch["image"]))).to(self.device)
+        out = {k: batch[k] for k in ("path", "label", "group", "copy")}
         with torch.no_grad():
-            feats = self.model(x).float().cpu().numpy()  # [B, D]
-        return {"path": batch["path"], "label": batch["label"], "group": batch["group"],
-                "copy": batch["copy"], "features": feats}
+            for i, module in enumerate(self.modules, start=1):
+                x = module(x)
+                for cut, at in self.cuts.items():
+                    if at == i:
+                        out[column(cut)] = (x.flatten(1) if cut == POOLED else x).float().cpu().numpy()
+        return out
 
 
-def compute_features(table: "SourceTable", backbone: str, data: "DataConfig", resources: "ResourcesConfig",
-                     seed: int = 0, pretrained: bool = True) -> FeatureSet:
+def column(cut: str) -> str:
+    """The dataset column of a cut: ``features`` (pooled) or ``features:<cut>``."""
+    return "features" if cut == POOLED else f"features:{cut}"
+
+
+def feature_key(backbone: str, cut: str = POOLED) -> str:
+    """Key of a cached FeatureSet in ``TrialContext.feature_refs``: ``<backbone>`` or ``<backbone>/<cut>``."""
+    return backbone if cut == POOLED else f"{backbone}/{cut}"
+
+
+def compute_feature_sets(table: "SourceTable", backbone: str, data: "DataConfig", resources: "ResourcesConfig",
+                         seed: int = 0, pretrained: bool = True, cuts: tuple[str, ...] = (POOLED,)
+                         ) -> dict[str, FeatureSet]:
     """Run ``backbone`` once over every (image, copy) of ``table`` with a Ray Data actor pool.
 
     Args:
@@ -104,9 +175,10 @@ def compute_features(table: "SourceTable", backbone: str, data: "DataConfig", re
             ``gpus_per_trial > 0`` and the cluster has GPUs.
         seed: augmentation seed (copies depend on (seed, path, copy) only).
         pretrained: ImageNet weights (True) or random init.
+        cuts: the outputs to cache, all from the same forward pass.
 
     Returns:
-        The FeatureSet, rows sorted by (path, copy).
+        {cut: FeatureSet}, rows sorted by (path, copy).
     """
     import ray
 
@@ -118,21 +190,35 @@ def compute_features(table: "SourceTable", backbone: str, data: "DataConfig", re
     gpus = 1 if resources.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ds.map_batches(FeatureExtractor, batch_size=resources.feature_batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"backbone": backbone, "preprocess": pre.to_dict(),
-                                               "pretrained": pretrained},
+                                               "pretrained": pretrained, "cuts": tuple(cuts)},
                         compute=ray.data.ActorPoolStrategy(size=resources.feature_actors),
                         num_gpus=gpus, num_cpus=0 if gpus else 1)
-    cols: dict[str, list] = {"path": [], "label": [], "group": [], "copy": [], "features": []}
+    keys = ["path", "label", "group", "copy", *(column(c) for c in cuts)]
+    cols: dict[str, list] = {k: [] for k in keys}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
         for key in cols:
             cols[key].append(np.asarray(batch[key]))
     path = np.concatenate(cols["path"]).astype(str)
     copy = np.concatenate(cols["copy"]).astype(np.int64)
     order = np.lexsort((copy, path))  # deterministic: by path, then copy
-    return FeatureSet(backbone=backbone,
-                      features=np.concatenate(cols["features"]).astype(np.float32)[order],  # [M, D]
-                      path=path[order], copy=copy[order],
-                      label=np.concatenate(cols["label"]).astype(np.int64)[order],
-                      group=np.concatenate(cols["group"]).astype(str)[order])
+    meta = dict(path=path[order], copy=copy[order], label=np.concatenate(cols["label"]).astype(np.int64)[order],
+                group=np.concatenate(cols["group"]).astype(str)[order])
+    sets = {}
+    for cut in cuts:
+        full = np.concatenate(cols[column(cut)])[order]
+        if cut == POOLED:
+            sets[cut] = FeatureSet(backbone=backbone, features=full, **meta)
+        else:  # maps: float16 for every row, float32 for the originals (validation, test, serving)
+            sets[cut] = FeatureSet(backbone=backbone, features=full.astype(np.float16), **meta,
+                                   exact=np.ascontiguousarray(full[meta["copy"] == 0]))
+        del full
+    return sets
+
+
+def compute_features(table: "SourceTable", backbone: str, data: "DataConfig", resources: "ResourcesConfig",
+                     seed: int = 0, pretrained: bool = True) -> FeatureSet:
+    """The pooled FeatureSet ``[M, D]`` float32 of ``backbone`` (see :func:`compute_feature_sets`)."""
+    return compute_feature_sets(table, backbone, data, resources, seed, pretrained)[POOLED]
 
 
 def feature_rows_for_split(fs: FeatureSet, table_paths: np.ndarray, split: Any) -> dict[str, np.ndarray]:

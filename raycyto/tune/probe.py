@@ -130,7 +130,7 @@ def run_probes(ctx: Any, progress: bool = True) -> list[dict]:
     from raycyto.tune.trainable import fold_means, run_fold
 
     rows = []
-    for backbone in ctx.feature_refs:
+    for backbone in (b for b in ctx.cfg.grid.backbones if b in ctx.feature_refs):  # pooled features cached
         t0 = time.time()
         runner, trial_id = ProbeRunner(backbone, ctx), probe_trial_id(backbone)
         done = {split.fold: run_fold(runner, split, trial_id) for split in ctx.splits}

@@ -120,7 +120,7 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
     import ray
 
     from raycyto.data.splits import kfold_splits
-    from raycyto.tune.features import compute_features
+    from raycyto.tune.features import compute_feature_sets, feature_key
     from raycyto.tune.trainable import TrialContext
 
     from raycyto.data.quality import describe_duplicates, group_warning, near_duplicates, test_folds_of
@@ -136,11 +136,16 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
     for w in warnings:
         _log(progress, f"[yellow]warning:[/yellow] {w}")
     refs = {}
-    for backbone in cfg.grid.backbones if "frozen" in cfg.grid.finetune and cache_features else ():
+    for backbone in cfg.grid.backbones:
+        cuts = feature_cuts(cfg, backbone, len(table.df), cache_features, progress)
+        if not cuts:
+            continue
         t0 = time.time()
-        fs = compute_features(table, backbone, cfg.data, cfg.resources, seed=cfg.cv.seed)
-        refs[backbone] = ray.put(fs)
-        _log(progress, f"features {backbone}: {fs.features.shape} in {time.time() - t0:.1f}s (cached)")
+        sets = compute_feature_sets(table, backbone, cfg.data, cfg.resources, seed=cfg.cv.seed, cuts=cuts)
+        for cut, fs in sets.items():
+            refs[feature_key(backbone, cut)] = ray.put(fs)
+        shapes = ", ".join(f"{cut} {tuple(fs.features.shape)} {fs.features.dtype}" for cut, fs in sets.items())
+        _log(progress, f"features {backbone}: {shapes} in {time.time() - t0:.1f}s (cached)")
     ctx = TrialContext(cfg=cfg, exp_dir=str(exp_dir), table=table, splits=splits, positive=positive,
                        feature_refs=refs, fail_once=os.environ.get(FAIL_ONCE_ENV) or None,
                        hold=os.environ.get("RAYCYTO_HOLD") or None, barrier=os.environ.get("RAYCYTO_BARRIER") or None,
@@ -158,6 +163,38 @@ def build_context(cfg: SweepConfig, exp_dir: Path, progress: bool = True,
         "warnings": warnings,
     }
     return ctx, data
+
+
+def feature_cuts(cfg: SweepConfig, backbone: str, n_images: int, cache_features: bool = True,
+                 progress: bool = True) -> tuple[str, ...]:
+    """What to cache for ``backbone`` in one pass: the pooled features for frozen cells (and the
+    probe), and the frozen prefix of every lastN mode when ``train.cache_prefix`` and its fp16 size
+    fits ``resources.cache_gb`` (else those trials stream images, with a warning)."""
+    import math
+
+    from raycyto.models.registry import get_spec
+    from raycyto.models.split import prefix_tail
+    from raycyto.tune.features import POOLED
+
+    cuts = [POOLED] if "frozen" in cfg.grid.finetune and cache_features else []
+    modes = [m for m in cfg.grid.finetune if m in ("last1", "last2")] if cfg.train.cache_prefix and cache_features else []
+    if modes:
+        import torch
+
+        from raycyto.models.registry import build_backbone
+
+        spec, side = get_spec(backbone), cfg.data.input_size or get_spec(backbone).input_size
+        model = build_backbone(backbone, pretrained=False).eval()
+        for mode in modes:  # the prefix's output shape, from a random-weight pass at the input size
+            with torch.no_grad():
+                shape = prefix_tail(model, spec, mode)[0](torch.zeros(1, 3, side, side)).shape[1:]
+            gb = n_images * cfg.data.copies * math.prod(shape) * 2 / 1e9
+            if gb <= cfg.resources.cache_gb:
+                cuts.append(mode)
+            else:
+                _log(progress, f"[yellow]warning:[/yellow] {backbone} {mode}: its frozen prefix would take {gb:.1f} GB "
+                               f"(> resources.cache_gb {cfg.resources.cache_gb:g}); those trials stream images instead")
+    return tuple(cuts)
 
 
 def _tuner(cfg: SweepConfig, ctx: Any, exp_dir: Path, progress: bool, restore: bool):

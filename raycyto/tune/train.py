@@ -233,14 +233,16 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: Optional[
     """Batches over in-memory arrays; shuffled per epoch with a seeded generator when ``seed`` is set.
 
     Args:
-        x: [N, ...] float32 inputs (e.g. features [N, D]).
+        x: [N, ...] inputs (features [N, D] float32; cached maps [N, C, H, W] stay float16 and
+            are converted by the consumer).
         y: [N] int labels.
     Returns:
         epoch -> iterable of (x [B, ...], y [B]) tensors.
     """
     import torch
 
-    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    x = np.ascontiguousarray(x)  # float16 (cached maps / prefix activations) stays float16: half the memory
+    xt = torch.as_tensor(x, dtype=torch.float16 if x.dtype == np.float16 else torch.float32)
     yt = torch.as_tensor(np.asarray(y), dtype=torch.int64)
 
     def batches(epoch: int = 0):
@@ -375,10 +377,14 @@ def image_array_batches(images: np.ndarray, labels: np.ndarray, pre: "Preprocess
                torch.as_tensor(np.asarray(labels[i:i + batch_size], dtype=np.int64)))
 
 
-def extract_features(model: "nn.Module", batches: Iterable, device: Optional[str] = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(model: "nn.Module", batches: Iterable, device: Optional[str] = None,
+                     features: Optional[Callable] = None) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features of a classifier in eval mode, on ``device`` (default: the worker's);
     the model comes back on the CPU.
+
+    Args:
+        features: ``(model, x) -> [B, D]`` (default ``model.features(x)``; e.g. the trainable
+            tail of a fine-tuned backbone on cached prefix activations).
 
     Returns:
         (features [N, D] float32, labels [N] int64) in batch order.
@@ -388,11 +394,12 @@ def extract_features(model: "nn.Module", batches: Iterable, device: Optional[str
     from raycyto.device import worker_device
 
     device = device or worker_device()
+    features = features or (lambda m, x: m.features(x))
     model.to(device).eval()
     fs, ys = [], []
     with torch.no_grad():
         for x, y in batches:
-            fs.append(model.features(x.to(device)).float().cpu().numpy())
+            fs.append(features(model, x.to(device)).float().cpu().numpy())
             ys.append(np.asarray(y))
     model.to("cpu")
     return np.concatenate(fs).astype(np.float32), np.concatenate(ys).astype(np.int64)

@@ -201,10 +201,13 @@ class FoldRunner:
         self.config, self.ctx, self.cfg = config, ctx, ctx.cfg
         self.frozen = config["finetune"] == "frozen"
         self.head_kwargs = dict(self.cfg.grid.head_kwargs.get(config["head"], {}))
+        from raycyto.tune.features import feature_key
+
         self.hp = HParams.from_trial(config)
         self.pre = ctx.preprocess(config["backbone"])
-        cached = self.frozen and ctx.cache_features
-        self.features = ray.get(ctx.feature_refs[config["backbone"]]) if cached else None
+        # frozen: the cached pooled features; lastN: the cached output of the frozen prefix, if any
+        key = feature_key(config["backbone"], "pooled" if self.frozen else config["finetune"])
+        self.features = ray.get(ctx.feature_refs[key]) if key in ctx.feature_refs else None
         self._build = lambda seed: build_classifier(config["backbone"], config["head"], ctx.task.num_classes,
                                                     config["finetune"], pretrained=True,
                                                     head_kwargs=self.head_kwargs, seed=seed)
@@ -222,7 +225,9 @@ class FoldRunner:
 
     def run(self, split: Any) -> FoldOutput:
         """Train and evaluate one fold."""
-        return (self._run_frozen if self.frozen else self._run_finetune)(split)
+        if self.frozen:
+            return self._run_frozen(split)
+        return self._run_finetune(split) if self.features is None else self._run_cached_prefix(split)
 
     def _run_frozen(self, split: Any):
         from raycyto.tune.train import HeadData, train_head
@@ -237,6 +242,38 @@ class FoldRunner:
         self.bundle_model.head = result.model
         return FoldOutput(self.bundle_model, result.history, _evals(fs, rows), _used(fs, rows, result.best_epoch),
                           (data.x_train, data.y_train))
+
+    def _run_cached_prefix(self, split: Any) -> FoldOutput:
+        """lastN fine-tuning on the cached output of the frozen prefix: each epoch runs only the
+        trainable tail and the head (the prefix, in eval mode without gradient, would compute the
+        same activations every epoch; fp16 cache)."""
+        from raycyto.models.split import prefix_tail
+        from raycyto.tune.train import array_batches, extract_features, fit, seed_everything
+
+        fs, rows = fold_features(self.ctx, self.config["backbone"], self.features, split)
+        seed = mc_seed(self.cfg, split.fold)
+        seed_everything(seed)
+        model = self._build(seed)
+        tail = prefix_tail(model.backbone, model.spec, self.config["finetune"])[1]
+        forward = lambda m, x: m.classify_features(tail(x.float()))  # noqa: E731 - [B, C, H, W] fp16 -> logits
+        train, val = rows["train"], rows["val"]
+        result = fit(model, array_batches(fs.features[train], fs.label[train], self.hp.batch_size, seed),
+                     lambda: array_batches(fs.eval_features(val), fs.label[val], 64)(0), task=self.ctx.task,
+                     train=self.cfg.train, hp=self.hp, class_weight=self._class_weight(fs.label[train]),
+                     forward=forward)
+        model = result.model
+
+        def tail_features(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # [n, D] pooled features
+            return extract_features(model, array_batches(x, y, 64)(0), features=lambda m, b: tail(b.float()))[0]
+
+        train_feats = tail_features(fs.features[train], fs.label[train])
+        if hasattr(model.head, "fit_svm"):
+            model.head.fit_svm(train_feats, fs.label[train], groups=fs.group[train])
+        evals = {name: (tail_features(fs.eval_features(rows[name]), fs.label[rows[name]]), fs.label[rows[name]],
+                        pd.DataFrame({"path": fs.path[rows[name]], "group": fs.group[rows[name]]}))
+                 for name in ("val", "test")}
+        used = {**_used(fs, rows, result.best_epoch), "cached_prefix": True}
+        return FoldOutput(model, result.history, evals, used, (train_feats, fs.label[train]))
 
     def _run_finetune(self, split: Any):
         from raycyto.data.pipeline import image_dataset, load_arrays
@@ -262,7 +299,8 @@ class FoldRunner:
 
         paths = self.ctx.paths
         used = {"best_epoch": result.best_epoch, "train": sorted(set(paths[train_idx])), "train_rows": int(len(train_idx) * data.copies),
-                "val": sorted(set(arrays["val"]["path"])), "test": sorted(set(arrays["test"]["path"]))}
+                "val": sorted(set(arrays["val"]["path"])), "test": sorted(set(arrays["test"]["path"])),
+                "cached_prefix": False}
         train_feats, train_labels, _ = dataset_features(result.model, train_ds, self.pre)
         return FoldOutput(result.model, result.history, evals, used, (train_feats, train_labels))
 
