@@ -59,10 +59,13 @@ def test_report_html_highlights_the_validation_selected_row_and_shows_config_and
     page = binary_report.read_text()
     summary = read_csv(binary_report.parent / "summary.csv")
     best = summary.loc[summary["best"], "config"].iloc[0]
-    sections = {s.split("</h2>")[0]: s for s in page.split("<h2>")[1:]}
+    # tables are folded <details>, titled by their <summary>
+    sections = {s.split("</summary>")[0]: s.split("</details>")[0]
+                for s in page.split("<details><summary>")[1:]}
     summary_html = next(v for k, v in sections.items() if k.startswith("summary"))
     highlighted = re.findall(r'<tr class="best">(.*?)</tr>', summary_html)
     assert len(highlighted) == 1 and best in highlighted[0]
+    assert page.index('<section class="headline">') < page.index("Key figures") < page.index(summary_html)
     hpo_html = next(v for k, v in sections.items() if k.startswith("search samples"))
     assert len(re.findall(r'<tr class="best">', hpo_html)) == len(summary)   # one per cell
     assert "name: fabricated" in page                     # config.yaml

@@ -18,8 +18,10 @@ def report(
         "metric (accuracy, balanced_accuracy, precision, recall, specificity, f1, auc, loss) or a "
         "constrained rule such as recall@specificity>=0.9 (default: the sweep's search metric)."),
     target_recall: Optional[float] = typer.Option(
-        None, "--target-recall", help="Also report the smallest MC threshold reaching this "
-        "recall on validation predictions, and the referral rate it costs."),
+        None, "--target-recall", help="Binary tasks: the recall target of the risk-controlled "
+        "threshold (overrides mc.target_recall; thresholds.csv; pass the same value to `raycyto "
+        "export`). Multiclass: also report the smallest MC threshold reaching this macro recall on "
+        "validation (no guarantee)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Write summary/per_class/folds/hpo/mispredictions CSVs, PNG figures and report.html.
@@ -38,7 +40,6 @@ def report(
     except RaycytoError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    import pandas as pd
 
     from raycyto.analysis.load import read_csv
 
@@ -51,13 +52,28 @@ def report(
     for _, b in summary[summary["baseline"].astype(bool)].iterrows():
         console.print(f"baseline {b['config']}: test accuracy {b['accuracy_mean']:.3f} ± "
                       f"{b['accuracy_std']:.3f}", highlight=False, soft_wrap=True)
-    if target_recall is not None:
-        t = read_csv(path.parent / "thresholds.csv")
-        t = t[t["best"]].iloc[0]
-        console.print(f"recall {target_recall:g} on validation needs MC threshold "
-                      f"{t['threshold']:.3g} (refers {t['val_referral_rate']:.1%}); on test it "
-                      f"refers {t['test_referral_rate']:.1%} with recall {t['test_recall_kept']:.3f}"
-                      if pd.notna(t["threshold"]) else
-                      f"no MC threshold reaches recall {target_recall:g} on validation",
-                      highlight=False, soft_wrap=True)
+    thresholds = path.parent / "thresholds.csv"
+    if thresholds.is_file():
+        t = read_csv(thresholds)
+        t = t[t["best"].astype(bool)]
+        if len(t) and "statement" in t:
+            exported = t[t["exported"].astype(bool)]
+            row = (exported if len(exported) else t).iloc[0]
+            console.print(f"risk-controlled referral, exported fold {row['fold']}: {row['statement']} "
+                          f"On test folds it refers {t['test_referral_rate'].mean():.1%} (the vote rule "
+                          f"{t['vote_test_referral_rate'].mean():.1%}).", highlight=False, soft_wrap=True)
+        elif len(t):
+            console.print(f"recall {target_recall:g} on validation needs MC threshold "
+                          f"{t['threshold'].mean():.3g} on average over folds (no guarantee); on test it "
+                          f"refers {t['test_referral_rate'].mean():.1%} with recall "
+                          f"{t['test_recall_kept'].mean():.3f}"
+                          if t["threshold"].notna().any() else
+                          f"no MC threshold reaches recall {target_recall:g} on validation",
+                          highlight=False, soft_wrap=True)
+    conformal = read_csv(path.parent / "conformal.csv")
+    served = conformal[conformal["best"].astype(bool) & ~conformal["mondrian"].astype(bool)]
+    for _, c in served.iterrows():
+        console.print(f"prediction set {c['score']} at {c['level']:g}: test coverage "
+                      f"{c['coverage_mean']:.3f} ± {c['coverage_std']:.3f}, mean size "
+                      f"{c['set_size_mean']:.2f}", highlight=False, soft_wrap=True)
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)

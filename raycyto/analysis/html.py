@@ -36,7 +36,7 @@ pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}
 img{max-width:100%;height:auto}
 section.headline{border:1px solid #bbb;border-radius:6px;padding:12px 18px;background:#fafafa}
 section.headline h2{margin-top:4px;border:none}
-section.headline p{font-size:15px;margin:6px 0}
+section.headline p,section.headline li{font-size:15px;margin:6px 0}
 table.kpi{font-size:15px} table.kpi td,table.kpi th{padding:4px 12px}
 div.warn{border-left:6px solid #c0392b;background:#fdecea;padding:8px 12px;margin:10px 0;
 font-size:15px}
@@ -172,8 +172,8 @@ class Headline:
         selected_on: how it was selected, e.g. "validation recall".
         baseline_name: e.g. "linear probe" or "majority class (normal)"; "" = none.
         baseline: {metric: (mean, std)} of the baseline (missing metrics shown as "-").
-        referral: one sentence on the referral rate and the rule.
-        guarantee: one sentence with the guarantee that comes with it.
+        referral: one sentence on the referral rate and the rule (or several: a list).
+        guarantee: one sentence with the guarantee that comes with it (or several: a list).
         warnings: plain sentences, shown in red (see :func:`chance_warnings`).
     """
 
@@ -183,8 +183,8 @@ class Headline:
     selected_on: str = ""
     baseline_name: str = ""
     baseline: dict[str, MeanStd] = field(default_factory=dict)
-    referral: str = ""
-    guarantee: str = ""
+    referral: str | tuple[str, ...] = ""
+    guarantee: str | tuple[str, ...] = ""
     warnings: tuple[str, ...] = ()
 
 
@@ -269,10 +269,14 @@ def headline_html(h: Headline) -> str:
              f"<p>Selected configuration: <b>{html.escape(h.config)}</b>{sel}. Test metrics "
              f"over {h.folds} fold{'s' if h.folds != 1 else ''} (mean \u00b1 std):</p>",
              f'<table class="kpi"><thead>{head}</thead><tbody>{rows}</tbody></table>']
-    if h.referral:
-        parts.append(f"<p><b>Referral:</b> {html.escape(h.referral)}</p>")
-    if h.guarantee:
-        parts.append(f"<p><b>Guarantee:</b> {html.escape(h.guarantee)}</p>")
+    for title, text in (("Referral", h.referral), ("Guarantee", h.guarantee)):
+        items = [text] if isinstance(text, str) else list(text)
+        items = [t for t in items if t]
+        if len(items) == 1:
+            parts.append(f"<p><b>{title}:</b> {html.escape(items[0])}</p>")
+        elif items:
+            parts.append(f"<p><b>{title}:</b></p><ul>" +
+                         "".join(f"<li>{html.escape(t)}</li>" for t in items) + "</ul>")
     parts += [f'<div class="warn"><b>Warning.</b> {html.escape(w)}</div>' for w in h.warnings]
     parts.append("</section>")
     return "".join(parts)

@@ -143,12 +143,14 @@ def reliability_plot(curves: dict[str, tuple[pd.DataFrame, float]], title: str, 
 
 
 def referral_plot(curve: pd.DataFrame, threshold: float, at_threshold: dict[str, float],
-                  recall_name: str, title: str, path: Path) -> Path:
+                  recall_name: str, title: str, path: Path,
+                  marks: list[tuple[str, float]] | None = None) -> Path:
     """Accuracy and recall on kept cases against the share kept; configured threshold marked.
 
     Args:
         curve: uncertainty.referral_curve output.
         at_threshold: {"kept_share", "accuracy_kept", "recall_kept"} at the configured threshold.
+        marks: further operating points (label, share kept), e.g. the risk-controlled threshold.
     """
     fig, (ax,) = _figure(5.0, 4.0)
     ax.plot(curve["kept_share"], curve["accuracy_kept"], marker=".", label="accuracy on kept")
@@ -158,6 +160,9 @@ def referral_plot(curve: pd.DataFrame, threshold: float, at_threshold: dict[str,
                label=f"threshold {threshold:g}: {1 - x:.0%} referred")
     for key in ("accuracy_kept", "recall_kept"):
         ax.plot([x], [at_threshold[key]], "o", color="red", ms=5)
+    for i, (label, kept) in enumerate(marks or []):
+        if np.isfinite(kept):
+            ax.axvline(kept, color=f"C{i + 2}", ls="--", lw=1.2, label=f"{label}: {1 - kept:.0%} referred")
     if curve["kept_share"].nunique() <= 1:  # every pass agreed on every case: nothing to trade off
         ax.text(0.5, 0.5, "all MC passes agree on every case (confidence 1):\n"
                 "this configuration has no dropout, so nothing is referred",
@@ -309,4 +314,33 @@ def conformal_coverage_plot(table: pd.DataFrame, title: str, path: Path,
     ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def strata_plot(table: pd.DataFrame, metric: str, title: str, path: Path,
+                label: str = "value") -> Path:
+    """One row per stratum (e.g. karyogram subtype): the test-fold mean of ``metric`` as a dot,
+    ± std as a bar, the number of test cases beside the label; sorted by the mean.
+
+    Args:
+        table: rows of strata.csv for one configuration and one column (``value``, ``n``,
+            ``<metric>_mean``, ``<metric>_std``).
+        metric: e.g. ``accuracy`` (for binary strata: recall of abnormal subtypes,
+            specificity of the normal one) or ``recall``.
+    """
+    df = table.sort_values(f"{metric}_mean", ascending=True, na_position="first").reset_index(drop=True)
+    fig, (ax,) = _figure(6.4, 1.2 + 0.32 * max(len(df), 1))
+    y = np.arange(len(df))
+    mean = pd.to_numeric(df[f"{metric}_mean"], errors="coerce").to_numpy(dtype=float)
+    std = np.nan_to_num(pd.to_numeric(df[f"{metric}_std"], errors="coerce").to_numpy(dtype=float))
+    ax.errorbar(mean, y, xerr=std, fmt="o", color="C0", capsize=2, ms=5, lw=1)
+    low = mean < 0.5
+    if low.any():
+        ax.errorbar(mean[low], y[low], xerr=std[low], fmt="o", color="red", capsize=2, ms=5, lw=1)
+    ax.set_yticks(y, [f"{_short(str(v), 28)} (n={int(n)})" for v, n in zip(df[label], df["n"])], fontsize=8)
+    ax.axvline(0.5, color="grey", ls="--", lw=0.8)
+    ax.set_xlim(0, 1.02)
+    ax.grid(axis="x", lw=0.3)
+    ax.set_xlabel(f"{metric} on test folds (mean ± std over folds; red: below 0.5)")
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -21,7 +21,8 @@ from raycyto.analysis.selection import SelectionRule, rank_trials, trial_scores
 from raycyto.analysis.uncertainty import (apply_threshold, expected_calibration_error,
                                           referral_at, smallest_threshold_for_recall, top_label)
 
-FOLD_METRICS = (*SUMMARY_METRICS, "balanced_accuracy", "referral_rate", "accuracy_kept", "ece")
+FOLD_METRICS = (*SUMMARY_METRICS, "balanced_accuracy", "referral_rate", "accuracy_kept", "ece",
+                "temperature", "ece_temp", "aurc")
 PER_CLASS_METRICS = ("precision", "recall", "f1")
 NO_MC = "no MC dropout: every pass agrees, so no case is referred (referral figures left empty)"
 Rule = Union[SelectionRule, str, None]
@@ -86,8 +87,12 @@ def select_best(exp: Experiment, rule: Rule = None) -> pd.Series:
     return table[table["best"]].iloc[0]
 
 
-def _fold_row(exp: Experiment, g: pd.DataFrame, mc_dropout: bool) -> dict:
+def _fold_row(exp: Experiment, g: pd.DataFrame, mc_dropout: bool, val: pd.DataFrame | None = None) -> dict:
+    """Test metrics of one fold (``g``: its test rows; ``val``: its validation rows, which fit
+    the temperature; None or empty: temperature columns NaN)."""
+    from raycyto.analysis.calibration import fit_temperature
     from raycyto.analysis.metrics import SELECT_METRICS
+    from raycyto.analysis.selective import aurc
 
     y = g["label"].to_numpy()
     probs = g[exp.prob_columns].to_numpy(dtype=float)   # [N, C]
@@ -95,12 +100,19 @@ def _fold_row(exp: Experiment, g: pd.DataFrame, mc_dropout: bool) -> dict:
     values["balanced_accuracy"] = SELECT_METRICS["balanced_accuracy"][0](y, g["pred"].to_numpy(), probs, exp.positive)
     if mc_dropout:
         rate, acc_kept = referral_at(y, g["mc_label"].to_numpy(), g["refer"].to_numpy())
+        area = aurc(g["mc_label"].to_numpy() == y, g["mc_confidence"].to_numpy(dtype=float))
     else:
-        rate, acc_kept = np.nan, np.nan
+        rate, acc_kept, area = np.nan, np.nan, np.nan
         notes.append(NO_MC)
     correct, conf = top_label(probs, y)
+    temperature = ece_temp = np.nan
+    if val is not None and len(val):
+        fit = fit_temperature(val["label"].to_numpy(), probs=val[exp.prob_columns].to_numpy(dtype=float))
+        temperature = fit.temperature
+        ece_temp = expected_calibration_error(*top_label(fit.apply_probs(probs), y))
     row = {"n": len(g), **values, "referral_rate": rate, "accuracy_kept": acc_kept,
-           "ece": expected_calibration_error(correct, conf)}
+           "ece": expected_calibration_error(correct, conf), "temperature": temperature,
+           "ece_temp": ece_temp, "aurc": area}
     pc = per_class_metrics(y, g["pred"].to_numpy(), exp.class_names)
     for m in PER_CLASS_METRICS:
         row.update({f"{m}_{c}": v for c, v in zip(pc["class"], pc[m])})
@@ -115,20 +127,23 @@ def folds_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     Returns:
         One row per (config, fold): config, backbone, finetune, head, trial_id, fold, n,
         accuracy, precision, recall, f1, auc, balanced_accuracy, referral_rate,
-        accuracy_kept (NaN without MC dropout), ece, precision_<class>, recall_<class>,
-        f1_<class>, support_<class>, notes.
+        accuracy_kept (NaN without MC dropout), ece (softmax, top label), temperature (fitted
+        on the fold's validation rows), ece_temp (test ECE after it), aurc (area under the
+        risk-coverage curve of the MC vote confidence; NaN without MC dropout),
+        precision_<class>, recall_<class>, f1_<class>, support_<class>, notes.
     """
     key = ("folds", str(resolve_rule(exp, rule)))
     if key in exp.cache:
         return exp.cache[key]
     sel = selection_table(exp, rule)
-    test = exp.test_predictions
+    test, val = exp.test_predictions, exp.val_predictions
     rows = []
     for s in exp.track(sel.itertuples(index=False), len(sel), "test metrics per configuration"):
+        val_folds = dict(tuple(val[val["trial_id"] == s.trial_id].groupby("fold")))
         for fold, g in test[test["trial_id"] == s.trial_id].groupby("fold"):
             rows.append({"config": s.config, "backbone": s.backbone, "finetune": s.finetune,
                          "head": s.head, "trial_id": s.trial_id, "fold": int(fold),
-                         **_fold_row(exp, g, bool(s.mc_dropout))})
+                         **_fold_row(exp, g, bool(s.mc_dropout), val_folds.get(fold))})
     exp.cache[key] = pd.DataFrame(rows)
     return exp.cache[key]
 
@@ -139,8 +154,8 @@ def summary_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     Returns:
         config, backbone, finetune, head, trial_id, lr, batch_size, samples, select_metric,
         val_score, baseline, mc_dropout, best, folds, <m>_mean, <m>_std for m in accuracy,
-        precision, recall, f1, auc, balanced_accuracy, referral_rate, accuracy_kept, ece
-        (referral columns NaN without MC dropout); notes. Binary: positive-class
+        precision, recall, f1, auc, balanced_accuracy, referral_rate, accuracy_kept, ece,
+        temperature, ece_temp, aurc (referral and AURC columns NaN without MC dropout); notes. Binary: positive-class
         precision/recall/F1; multiclass: macro averages and one-vs-rest macro AUC.
     """
     sel = selection_table(exp, rule)
