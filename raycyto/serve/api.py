@@ -69,6 +69,8 @@ class ServedModel:
         threshold: default refer threshold.
         scope: MC scope, "head" or "full".
         seed: default seed of the MC passes (the bundle's, ``model.json["mc"]["seed"]``).
+        policy: its :class:`raycyto.serve.predict.ReferralPolicy` (None: the vote rule only).
+        ood_threshold: its out-of-distribution guard's threshold (None: no guard).
     """
 
     key: str
@@ -81,10 +83,37 @@ class ServedModel:
     threshold: float
     scope: str = "head"
     seed: int = 0
+    policy: Any = field(default=None, compare=False)
+    ood_threshold: float | None = None
 
     @property
     def info(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """The optional answer fields this model gives (see ``predict.build_result``)."""
+        out = set()
+        if self.policy is not None and self.policy.conformal is not None:
+            out |= {"prediction_set", "coverage"}
+        if self.policy is not None and self.policy.risk_threshold is not None:
+            out |= {"risk_threshold", "guarantee"}
+        if self.ood_threshold is not None:
+            out |= {"out_of_distribution", "ood_score", "ood_threshold"}
+        return frozenset(out)
+
+    def referral(self) -> dict[str, Any]:
+        """How it refers, for the model index and OIP metadata."""
+        p = self.policy
+        out: dict[str, Any] = {"rule": p.rule if p is not None else "vote"}
+        if p is not None and p.conformal is not None:
+            out.update(coverage=p.level, set_score=p.score)
+        if p is not None and p.risk_threshold is not None:
+            out.update(risk_threshold=None if p.risk_threshold != p.risk_threshold else p.risk_threshold,
+                       guarantee=p.guarantee)
+        if self.ood_threshold is not None:
+            out["ood_threshold"] = self.ood_threshold
+        return out
 
 
 class ModelIndex:
@@ -130,7 +159,7 @@ class ModelIndex:
         default = self.resolve(m.name)
         return {**m.info, "default": m is default, "class_names": list(m.class_names),
                 "input_size": m.input_size, "passes": m.passes, "threshold": m.threshold, "seed": m.seed,
-                "scope": m.scope,
+                "scope": m.scope, **m.referral(),
                 "predict": f"/predict?model={m.name}&version={m.version}",
                 "infer": f"/v2/models/{m.name}/versions/{m.version}/infer"}
 

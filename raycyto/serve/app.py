@@ -61,7 +61,10 @@ class AppArgs(BaseModel):
         None, description="several bundles on one endpoint (replaces model_dir); /predict defaults to the "
                           "first, a name's default version is the one listed last")
     passes: Optional[int] = Field(None, ge=1, description="default MC passes T (None: model.json)")
-    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="default refer threshold")
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="default vote threshold (None: model.json)")
+    refer_rule: Optional[str] = Field(None, pattern=r"^(vote|set|risk)$",
+                                      description="referral rule for every model: vote | set | risk (None: each "
+                                                  "bundle's, model.json referral.rule)")
     fan_out: Optional[int] = Field(None, ge=1, description="chunks per request (None: 1 head / R full)")
     head_fan_out_passes: Optional[int] = Field(
         None, ge=1, description="head scope: fan out over the MC replicas from this many passes on (None: "
@@ -181,27 +184,30 @@ class Backbone(_ModelReplica):
         return {"info": m.info, "class_names": m.class_names, "scope": m.scope,
                 "passes": m.default_passes, "threshold": m.default_threshold,
                 "seed": int(getattr(m, "default_seed", 0)),
-                "input_size": int(m.meta.get("input_size") or m.model.spec.input_size)}
+                "input_size": int(m.meta.get("input_size") or m.model.spec.input_size),
+                "referral": m.meta.get("referral"), "ood_threshold": m.ood_threshold}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    async def embed(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         """Batch of uint8 ``[H, W, 3]`` images (one model: Serve splits batches by model id)
-        -> features ``[D]`` (head scope) or pixels ``[3, S, S]`` (full scope) each."""
+        -> ``{"x": features [D] (head scope) or pixels [3, S, S] (full scope), "ood": the
+        out-of-distribution score of the pooled features (None without a guard)}`` each."""
         m = await self._model()
         if self.metrics is not None:
             self.metrics.batch(m.name, len(images))
-        return await self._locked(m.embed, images)
+        return [{"x": x, "ood": ood} for x, ood in await self._locked(m.embed_scored, images)]
 
     async def predict(self, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
-        """The fast path: embed (batched with concurrent requests), then run the chunks of
-        ``plan`` (``chunk_plan``'s) here; returns probs ``[T, C]`` and this replica's id."""
-        x = await self.embed(image)
+        """The fast path: embed (batched with concurrent requests) and score the guard, then run
+        the chunks of ``plan`` (``chunk_plan``'s) here; returns probs ``[T, C]``, the OOD score
+        and this replica's id."""
+        e = await self.embed(image)
         m = await self._model()
 
         def passes() -> np.ndarray:
-            return np.concatenate([m.run_chunk(x, c) for c in plan])  # [T, C], chunk order
+            return np.concatenate([m.run_chunk(e["x"], c) for c in plan])  # [T, C], chunk order
 
-        return {"probs": await self._locked(passes), "replica": self.replica_id}
+        return {"probs": await self._locked(passes), "ood": e["ood"], "replica": self.replica_id}
 
 
 @serve.deployment(name="MCHead", num_replicas=DEFAULT_MC_REPLICAS, max_ongoing_requests=8,
@@ -275,12 +281,16 @@ class Ingress:
                                   replica=serve.get_replica_context().replica_tag)
 
     def _served(self, src: ModelSource, d: dict[str, Any]) -> ServedModel:
+        from raycyto.serve.predict import ReferralPolicy
+
         a = self.args
         return ServedModel(key=src.model_dir, name=d["info"]["name"], sha256=d["info"]["sha256"],
                            version=src.version or d["info"]["sha256"][:12], class_names=tuple(d["class_names"]),
                            input_size=d["input_size"], passes=a.passes or d["passes"],
                            threshold=d["threshold"] if a.threshold is None else a.threshold, scope=d["scope"],
-                           seed=d["seed"])
+                           seed=d["seed"],
+                           policy=ReferralPolicy.from_meta({"referral": d.get("referral")}, a.refer_rule),
+                           ood_threshold=d.get("ood_threshold"))
 
     @staticmethod
     def _on(handle: DeploymentHandle, key: str) -> DeploymentHandle:
@@ -325,14 +335,15 @@ class Ingress:
         backbone = self._on(self.backbone, model.key)
         if len(plan) == 1:
             out = await self._call(backbone.predict, image, plan)
-            probs, ids = out["probs"], [out["replica"]]
+            probs, ood, ids = out["probs"], out["ood"], [out["replica"]]
         else:
-            x = await self._call(backbone.embed, image)
-            outs = await asyncio.gather(*[self._call(self.mc.run, model.key, x, c) for c in plan])
+            e = await self._call(backbone.embed, image)  # the guard runs where the features are computed
+            outs = await asyncio.gather(*[self._call(self.mc.run, model.key, e["x"], c) for c in plan])
             probs = np.concatenate([o["probs"] for o in outs])  # [T, C], chunk order
-            ids = sorted({o["replica"] for o in outs})
+            ood, ids = e["ood"], sorted({o["replica"] for o in outs})
         return build_result(probs, threshold, list(model.class_names), model.info,
-                            {"count": len(ids), "chunks": len(plan), "ids": ids})
+                            {"count": len(ids), "chunks": len(plan), "ids": ids},
+                            model.policy, ood, model.ood_threshold)
 
     async def ready(self, model: Optional[ServedModel] = None) -> bool:
         """Every listed model (or ``model``) loadable on a Backbone replica, and an MC replica up."""
@@ -372,6 +383,30 @@ def resolve_model_dir(model_dir: str, env_override: bool = True) -> str:
     return where
 
 
+def check_referral(model_dirs: list[str], refer_rule: Optional[str]) -> None:
+    """Refuse, before deploying, a referral rule a local bundle cannot apply (e.g. ``set``
+    without a conformal calibration); bundles at URIs are checked by their replicas.
+
+    Raises:
+        ConfigError: naming ``refer_rule`` and the bundle.
+    """
+    import json
+
+    from raycyto.data.decode import is_uri
+    from raycyto.errors import ConfigError
+    from raycyto.serve.predict import ReferralPolicy
+
+    for d in model_dirs:
+        if is_uri(d):
+            continue
+        try:
+            ReferralPolicy.from_meta(json.loads((Path(d) / "model.json").read_text()), refer_rule)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"{d}: {e.message}") from None
+        except (OSError, ValueError):
+            continue  # unreadable here: the replica reports it
+
+
 def build_app(args: AppArgs) -> Application:
     """Typed application builder named in the Serve YAML.
 
@@ -396,6 +431,7 @@ def build_app(args: AppArgs) -> Application:
     else:
         args = args.model_copy(update={"model_dir": resolve_model_dir(args.model_dir)})
     dirs = [s.model_dir for s in args.sources()]
+    check_referral(dirs, args.refer_rule)
     backbone = Backbone.options(
         num_replicas=args.backbone_replicas,
         max_ongoing_requests=max(32, 2 * args.max_batch_size),

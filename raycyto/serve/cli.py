@@ -21,17 +21,28 @@ def export(
                                          "recall@specificity>=0.9"),
     trial: Optional[str] = typer.Option(None, "--trial", help="export this trial id instead (a baseline such "
                                         "as probe-efficientnet_lite0 only this way)"),
+    target_recall: Optional[float] = typer.Option(None, "--target-recall", help="binary tasks: recall target of "
+                                                  "the risk-controlled threshold (default mc.target_recall; the "
+                                                  "same as `raycyto report --target-recall`)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="vote threshold stored for Serve "
+                                              "(default: the sweep's mc.threshold)"),
+    refer_rule: Optional[str] = typer.Option(None, "--refer-rule", help="referral rule stored for Serve: vote "
+                                             "(confidence < threshold), set (prediction set not one class) or "
+                                             "risk (risk-controlled threshold; binary) (default mc.refer_rule)"),
 ) -> None:
-    """Export the configuration the report calls best (chosen on validation folds) as a servable bundle.
+    """Export the configuration the report calls best (chosen on validation folds) as a servable bundle,
+    with its referral calibration (prediction sets, temperature, risk-controlled threshold) fitted on
+    the exported fold's validation predictions.
 
-    Example: raycyto export runs/demo --select auc
+    Example: raycyto export runs/demo --select auc --refer-rule risk --target-recall 0.9
     """
     from raycyto.errors import RaycytoError
     from raycyto.serve.export import export_model
     from raycyto.storage import read_text
 
     try:
-        path = export_model(exp_dir, out, select=select, trial=trial)
+        path = export_model(exp_dir, out, select=select, trial=trial, target_recall=target_recall,
+                            threshold=threshold, refer_rule=refer_rule)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -40,6 +51,16 @@ def export(
     typer.echo(f"exported {meta.get('name')} (trial {sel.get('trial_id')}, fold {sel.get('fold')}; "
                f"rule {sel.get('rule')}); that fold's test accuracy {test.get('accuracy', float('nan')):.3f}, "
                f"balanced accuracy {test.get('balanced_accuracy', float('nan')):.3f} -> {path}")
+    referral = meta.get("referral")
+    if referral is None:
+        typer.echo("referral: vote rule only (no validation rows to calibrate prediction sets on)")
+        return
+    conf = referral["conformal"]
+    typer.echo(f"referral rule: {referral['rule']}; vote threshold {meta['mc']['threshold']:g}; prediction set "
+               f"{conf['score']} at {conf['level']:g} (calibrated on {referral['calibrated_on']['n']} validation "
+               f"cases); temperature {referral['temperature']['temperature']:.3g}")
+    if "risk" in referral:
+        typer.echo(f"risk-controlled threshold: {referral['risk']['statement']}")
 
 
 def serve(
@@ -48,6 +69,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     passes: Optional[int] = typer.Option(None, "--passes", help="default MC passes"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="vote threshold (default: each "
+                                              "bundle's model.json mc.threshold)"),
+    refer_rule: Optional[str] = typer.Option(None, "--refer-rule", help="referral rule for every model: vote, "
+                                             "set or risk (default: each bundle's)"),
     fan_out: Optional[int] = typer.Option(None, "--fan-out", help="chunks per request (default: by scope)"),
     mc_replicas: int = typer.Option(2, "--mc-replicas"),
     token_env: Optional[str] = typer.Option(None, "--token-env", help="env var with a bearer token (auth on)"),
@@ -68,6 +93,7 @@ def serve(
     import logging
 
     import ray
+    from pydantic import ValidationError
     from ray import serve as rs
 
     from raycyto.errors import RaycytoError
@@ -77,11 +103,15 @@ def serve(
     try:
         sources = {"models": [{"model_dir": d} for d in model_dirs]} if len(model_dirs) > 1 else {
             "model_dir": str(model_dirs[0])}
-        args = AppArgs(**sources, passes=passes, fan_out=fan_out, mc_replicas=mc_replicas,
+        args = AppArgs(**sources, passes=passes, threshold=threshold, refer_rule=refer_rule, fan_out=fan_out,
+                       mc_replicas=mc_replicas,
                        auth_token_env=token_env, auth_token_file=str(token_file) if token_file else None,
                        audit_log=str(audit_log) if audit_log else None,
                        mc_num_cpus=0.25, backbone_num_cpus=0.5)
         app = build_app(args)
+    except ValidationError as e:  # --threshold / --refer-rule out of range
+        typer.echo(f"error: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -118,6 +148,8 @@ def predict(
                                        "same seed -> same numbers)"),
     fan_out: Optional[int] = typer.Option(None, "--fan-out", help="chunking; match the endpoint's"),
     mc_replicas: int = typer.Option(2, "--mc-replicas", help="the endpoint's MC replicas (full-scope default chunking)"),
+    refer_rule: Optional[str] = typer.Option(None, "--refer-rule", help="referral rule: vote, set or risk "
+                                             "(default: the bundle's)"),
 ) -> None:
     """Predict images offline, in-process; prints one JSON object per image (same JSON as /predict).
 
@@ -132,7 +164,7 @@ def predict(
 
     try:
         predictor = LocalPredictor(model_dir if is_uri(model_dir) else find_bundle_dir(model_dir),
-                                   fan_out=fan_out, mc_replicas=mc_replicas, seed=seed)
+                                   fan_out=fan_out, mc_replicas=mc_replicas, seed=seed, refer_rule=refer_rule)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

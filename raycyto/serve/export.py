@@ -7,6 +7,12 @@ Selection is :mod:`raycyto.analysis.selection`'s one rule, the same the report h
 2. the fold: among that trial's folds, the best validation value under the same rule (ties:
    lower validation loss, then the lowest fold). The fold checkpoint *is* its best epoch.
 
+``model.json["referral"]`` is what Serve refers by (:func:`referral_for_export`): the rule
+(``mc.refer_rule``: ``vote``, ``set`` or ``risk``), the split-conformal thresholds of the
+prediction set, the temperature and, for binary tasks, the risk-controlled threshold with its
+guarantee, all fitted on the exported fold's validation rows of predictions.parquet (never its
+test rows), on the MC mean probabilities Serve returns.
+
 ``model.json["metrics"]`` carries the exported fold's own validation and test metrics
 (recomputed from predictions.parquet), and the trial's fold means labelled as such. The
 checkpoint bundle is loaded (its checksums verified), enriched and saved again with
@@ -72,8 +78,52 @@ def default_model_dir(exp_dir: str | Path) -> Path:
     return (main_job_root(exp_dir) or Path(exp_dir)) / "model"
 
 
+def referral_for_export(exp: Any, trial_id: str, fold: int, target_recall: float | None = None,
+                        refer_rule: str | None = None) -> dict[str, Any] | None:
+    """model.json ``referral`` of one trial's fold, fitted on that fold's validation rows only:
+    the rule, the conformal thresholds of the served set, the temperature and (binary tasks)
+    the risk-controlled threshold with its guarantee (:mod:`raycyto.analysis.referral`).
+
+    Args:
+        target_recall: overrides ``mc.target_recall`` (``--target-recall``, as on ``report``).
+        refer_rule: overrides ``mc.refer_rule`` (``--refer-rule``).
+
+    Returns:
+        The JSON; None when the fold has no validation rows and the rule is ``vote`` (the
+        bundle then serves without prediction sets).
+
+    Raises:
+        ConfigError: a rule the task cannot use (``risk`` on a multiclass task), or a rule
+            that needs a calibration the fold cannot give.
+    """
+    from raycyto.analysis.load import ExperimentError
+    from raycyto.analysis.referral import calibrate_fold, mc_config, with_rule
+
+    mc = mc_config(exp, target_recall if exp.binary else None)
+    if refer_rule is not None:
+        try:
+            mc = with_rule(mc, refer_rule=refer_rule)
+        except ConfigError as e:
+            raise ConfigError("--refer-rule", str(e)) from None
+    if mc.refer_rule == "risk" and not exp.binary:
+        raise ConfigError("--refer-rule" if refer_rule else "mc.refer_rule",
+                          f"'risk' needs a binary task (this one has {exp.num_classes} classes); "
+                          "use 'set' or 'vote'")
+    if target_recall is not None and not exp.binary:
+        raise ConfigError("--target-recall", "the risk-controlled threshold needs a binary task")
+    try:
+        cal = calibrate_fold(exp, trial_id, fold, mc)
+    except ExperimentError:
+        if mc.refer_rule == "vote":
+            return None
+        raise
+    positive = exp.class_names[exp.positive] if exp.positive is not None else "positive"
+    return cal.to_json(mc, positive)
+
+
 def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str | None = None,
-                 trial: str | None = None) -> Path | str:
+                 trial: str | None = None, target_recall: float | None = None,
+                 threshold: float | None = None, refer_rule: str | None = None) -> Path | str:
     """Export the configuration the selection rule calls best (or a named trial) as a bundle.
 
     Args:
@@ -85,6 +135,10 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
             written locally, then copied there.
         select: the selection rule (default: the sweep's search metric); the report's ``--select``.
         trial: export this trial id instead (the only way to export a baseline such as the probe).
+        target_recall: recall target of the risk-controlled threshold (binary tasks; default
+            ``mc.target_recall``), the report's ``--target-recall``.
+        threshold: the vote threshold Serve applies (default: the sweep's ``mc.threshold``).
+        refer_rule: ``vote``, ``set`` or ``risk`` (default ``mc.refer_rule``).
     Returns:
         ``out`` (holding model.json + weight files).
     """
@@ -102,7 +156,8 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="raycyto-export-") as tmp:
-            copy_tree(str(export_model(exp_dir, Path(tmp) / "model", select, trial)), str(out))
+            copy_tree(str(export_model(exp_dir, Path(tmp) / "model", select, trial, target_recall,
+                                       threshold, refer_rule)), str(out))
         return out
     out = Path(out)
     exp = load_experiment(exp_dir)
@@ -125,6 +180,11 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
     config = yaml.safe_load(exp.config_text) or {}
     mc = {**(meta.get("mc") or {}), **(experiment.get("mc") or {})}
     mc.setdefault("scope", "head")
+    if threshold is not None:
+        if not 0 < threshold <= 1:
+            raise ConfigError("--threshold", f"expected 0 < value <= 1, got {threshold}")
+        mc["threshold"] = float(threshold)
+    referral = referral_for_export(exp, trial_id, fold, target_recall, refer_rule)
     enriched = {k: v for k, v in meta.items() if k != "files"}
     enriched.update({
         "name": f"{experiment.get('task') or config.get('name') or 'raycyto'}-{row['backbone']}-{row['head']}",
@@ -141,6 +201,10 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
                       "named": trial is not None},
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
+    if referral is not None:
+        enriched["referral"] = referral
+    else:
+        enriched.pop("referral", None)
 
     if out.exists() and any(out.iterdir()) and not (out / "model.json").is_file():
         raise ConfigError("--out", f"{out} exists and is not a model bundle; choose an empty folder")

@@ -12,6 +12,9 @@
 
 :data:`OUTPUTS` is the one table of output tensors: name -> datatype and how to read the
 values of one image from a ``build_result`` dict. Metadata and responses derive from it.
+Optional rows (the prediction set, the out-of-distribution guard) appear only for models
+whose bundle has them. ``prediction_set`` is a BOOL ``[n, C]`` membership mask (the class
+names are in the response parameters); ``refer_reason`` is ``""`` when not referred.
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ DATATYPES = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT1
 
 @dataclass(frozen=True)
 class Output:
-    """An output tensor: ``datatype`` and the values of one image (1, or one per class)."""
+    """An output tensor: ``datatype`` and the values of one image (1, or one per class).
+
+    ``optional``: the answer has this field only when the bundle supports it (a conformal
+    calibration, a guard); a model without it does not list the output.
+    """
 
     datatype: str
     values: Callable[[dict[str, Any], Sequence[str]], list[Any]]
     per_class: bool = False
+    optional: bool = False
 
 
 def _one(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
@@ -56,6 +64,14 @@ def _one(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
 
 def _per_class(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
     return lambda r, classes: [r[key][c] for c in classes]
+
+
+def _text(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
+    return lambda r, classes: ["" if r[key] is None else str(r[key])]
+
+
+def _members(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
+    return lambda r, classes: [c in r[key] for c in classes]   # set membership per class
 
 
 # One row per output; a new field of build_result's JSON is one more row.
@@ -67,7 +83,18 @@ OUTPUTS: dict[str, Output] = {
     "std": Output("FP64", _per_class("std"), per_class=True),
     "entropy": Output("FP64", _one("entropy")),
     "mutual_information": Output("FP64", _one("mutual_information")),
+    "rule": Output("BYTES", _text("rule")),
+    "refer_reason": Output("BYTES", _text("refer_reason")),  # "" when not referred
+    "prediction_set": Output("BOOL", _members("prediction_set"), per_class=True, optional=True),
+    "coverage": Output("FP64", _one("coverage"), optional=True),
+    "out_of_distribution": Output("BOOL", _one("out_of_distribution"), optional=True),
+    "ood_score": Output("FP64", _one("ood_score"), optional=True),
 }
+
+
+def outputs_of(model: "ServedModel") -> list[str]:
+    """The outputs ``model`` gives: every required one, optional ones it provides."""
+    return [k for k, o in OUTPUTS.items() if not o.optional or k in model.provides]
 _NUMPY = {"FP64": "<f8", "FP32": "<f4", "INT64": "<i8", "INT32": "<i4"}
 
 
@@ -236,15 +263,17 @@ def _binary(datatype: str, values: list[Any]) -> bytes:
     return np.asarray(values, dtype=_NUMPY[datatype]).tobytes()
 
 
-def _wanted(req: InferRequest) -> list[tuple[str, bool]]:
-    """(output name, binary?) in response order; 400 for an unknown output name."""
+def _wanted(req: InferRequest, available: list[str]) -> list[tuple[str, bool]]:
+    """(output name, binary?) in response order; 400 for an output this model does not give."""
     everything = bool((req.parameters or {}).get("binary_data_output", False))
     if not req.outputs:
-        return [(name, everything) for name in OUTPUTS]
+        return [(name, everything) for name in available]
     out = []
     for o in req.outputs:
-        if o.name not in OUTPUTS:
-            raise ClientError(400, "unknown_output", f"output {o.name!r} unknown; outputs: {list(OUTPUTS)}")
+        if o.name not in available:
+            why = "unknown" if o.name not in OUTPUTS else "not given by this model (its bundle has no " \
+                "conformal calibration or out-of-distribution guard)"
+            raise ClientError(400, "unknown_output", f"output {o.name!r} {why}; outputs: {available}")
         out.append((o.name, bool((o.parameters or {}).get("binary_data", everything))))
     return out
 
@@ -259,7 +288,8 @@ def encode_response(model: "ServedModel", req: InferRequest,
     """
     classes, n = list(model.class_names), len(results)
     outputs, blobs = [], []
-    for name, binary in _wanted(req):
+    available = [k for k in outputs_of(model) if all(k in r for r in results)]
+    for name, binary in _wanted(req, available):
         spec = OUTPUTS[name]
         values = [v for r in results for v in spec.values(r, classes)]
         tensor: dict[str, Any] = {"name": name, "datatype": spec.datatype,
@@ -289,11 +319,11 @@ def model_metadata(model: "ServedModel", versions: list[str]) -> dict[str, Any]:
         "versions": versions,
         "platform": "pytorch",
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": k, "datatype": o.datatype, "shape": [-1, c] if o.per_class else [-1]}
-                    for k, o in OUTPUTS.items()],
+        "outputs": [{"name": k, "datatype": OUTPUTS[k].datatype, "shape": [-1, c] if OUTPUTS[k].per_class else [-1]}
+                    for k in outputs_of(model)],
         "parameters": {"version": model.version, "sha256": model.sha256, "class_names": list(model.class_names),
                        "input_size": model.input_size, "passes": model.passes, "threshold": model.threshold,
-                       "seed": model.seed, "scope": model.scope},
+                       "seed": model.seed, "scope": model.scope, **model.referral()},
     }
 
 

@@ -1,9 +1,10 @@
 """The prediction core shared by the Serve deployments and offline ``raycyto predict``.
 
 One request = embed once (the bundle's :class:`~raycyto.models.preprocessing.Preprocess`, and
-the backbone when the MC scope is "head") -> T stochastic passes, optionally split into
-chunks of consecutive pass indices -> concatenate ``[T, C]`` ->
-:func:`raycyto.models.mc.summarize` -> JSON. Pass ``t`` is seeded from (seed, t) alone
+the backbone when the MC scope is "head"; the out-of-distribution guard scores the pooled
+features there) -> T stochastic passes, optionally split into chunks of consecutive pass
+indices -> concatenate ``[T, C]`` -> :func:`raycyto.models.mc.summarize` -> JSON, with the
+bundle's referral rule (:class:`ReferralPolicy`) applied by :func:`build_result`. Pass ``t`` is seeded from (seed, t) alone
 (:class:`raycyto.models.mc.MCState`), so the answer does not depend on the chunking or on
 the replicas. The default seed is the one the sweep used for the exported fold's
 predictions (``model.json["mc"]["seed"]``), so an exported model reproduces
@@ -15,11 +16,101 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 DEFAULT_MC_REPLICAS = 2
+REFER_RULES = ("vote", "set", "risk")
+OOD_REASON = "out_of_distribution"
+
+
+def pooled_features(features: np.ndarray) -> np.ndarray:
+    """``[N, D]`` as they are; ``[N, C, H, W]`` maps averaged over positions -> ``[N, C]`` (the
+    pooling the sweep fits the out-of-distribution guard on: ``raycyto.tune.trainable.pooled``)."""
+    f = np.asarray(features, dtype=np.float32)
+    return f.mean(axis=(2, 3)) if f.ndim == 4 else f
+
+
+# ----------------------------------------------------------------------------- referral
+
+
+@dataclass(frozen=True)
+class ReferralPolicy:
+    """How a bundle refers a case, from model.json ``referral`` (written by ``raycyto export``).
+
+    Rules (``rule``): ``vote``: the MC vote confidence is below ``threshold`` (the studies);
+    ``set``: the conformal prediction set is not exactly one class; ``risk``: the vote
+    confidence is below the risk-controlled threshold (binary tasks; ``None`` = not certified:
+    every case is referred). Whatever the rule, an input the out-of-distribution guard flags
+    is referred with reason ``out_of_distribution``.
+
+    Attributes:
+        rule: the configured rule.
+        conformal: the calibration of the prediction set (None: no set; the fields are omitted).
+        score, level: which calibrated set is returned (``aps``/``lac``, e.g. 0.9).
+        risk_threshold: risk-controlled threshold (NaN: none certified); None: not calibrated.
+        guarantee: the risk threshold's guarantee in one sentence.
+    """
+
+    rule: str = "vote"
+    conformal: Any = None
+    score: str = "aps"
+    level: float = 0.9
+    risk_threshold: Optional[float] = None
+    guarantee: str = ""
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], rule: Optional[str] = None) -> "ReferralPolicy":
+        """The policy of a bundle (``rule`` overrides the stored one).
+
+        Raises:
+            ConfigError: unknown rule, or a rule the bundle has no calibration for.
+        """
+        from raycyto.errors import ConfigError
+
+        doc = meta.get("referral") or {}
+        chosen = rule or doc.get("rule") or "vote"
+        where = "refer_rule" if rule else "model.json referral.rule"
+        if chosen not in REFER_RULES:
+            raise ConfigError(where, f"expected one of {list(REFER_RULES)}, got {chosen!r}")
+        conformal, score, level = None, "aps", 0.9
+        if doc.get("conformal"):
+            from raycyto.analysis.conformal import ConformalCalibration
+
+            c = doc["conformal"]
+            conformal = ConformalCalibration.from_json(c["calibration"])
+            score, level = str(c["score"]), float(c["level"])
+            conformal.threshold(score, level)  # refuses a set the calibration does not hold
+        risk = doc.get("risk")
+        risk_threshold = None if risk is None else (
+            float("nan") if risk.get("threshold") is None else float(risk["threshold"]))
+        if chosen == "set" and conformal is None:
+            raise ConfigError(where, "rule 'set' needs a conformal calibration; this bundle has none "
+                                     "(export it again with `raycyto export`)")
+        if chosen == "risk" and risk_threshold is None:
+            raise ConfigError(where, "rule 'risk' needs a risk-controlled threshold; this bundle has none "
+                                     "(a binary task exported by `raycyto export`)")
+        return cls(chosen, conformal, score, level, risk_threshold,
+                   str((risk or {}).get("statement") or ""))
+
+    def prediction_set(self, mean: np.ndarray) -> Optional[list[int]]:
+        """Class indices of the set for MC mean probabilities ``[C]`` (None without calibration)."""
+        if self.conformal is None:
+            return None
+        from raycyto.analysis.conformal import prediction_set
+
+        return prediction_set(mean, self.conformal, self.score, self.level)
+
+    def describe(self, threshold: float) -> str:
+        """The rule in words, e.g. ``confidence < 0.8`` (what the audit log records)."""
+        if self.rule == "set":
+            return f"{self.score.upper()} prediction set at {self.level:g} is not a single class"
+        if self.rule == "risk":
+            t = self.risk_threshold
+            return "refer every case (no risk-controlled threshold certified)" if t is None or np.isnan(t) \
+                else f"confidence < {t:g} (risk-controlled)"
+        return f"confidence < {threshold:g}"
 
 
 # ----------------------------------------------------------------------------- scopes
@@ -104,9 +195,14 @@ class LoadedModel:
             object-store URI of one (copied to a local temporary folder first); its
             checksums are verified on load and a mismatch is refused.
         device: torch device string.
+        refer_rule: overrides the bundle's referral rule (``vote``, ``set``, ``risk``).
+
+    Attributes:
+        guard: the bundle's out-of-distribution guard (``ood.npz``), or None.
+        policy: its :class:`ReferralPolicy`.
     """
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+    def __init__(self, model_dir: str | Path, device: str = "cpu", refer_rule: Optional[str] = None) -> None:
         from contextlib import ExitStack
 
         from raycyto.errors import ConfigError
@@ -122,6 +218,11 @@ class LoadedModel:
             model, meta = load_bundle(local)
             self.sha256: str = hashlib.sha256((local / "model.json").read_bytes()).hexdigest()
             self.name: str = str(meta.get("name") or local.resolve().name)
+            from raycyto.models.bundle import load_guard
+
+            guard = load_guard(local, meta)  # MahalanobisGuard or None (checksum verified)
+            # an uncalibrated guard (threshold inf) flags nothing: served as no guard
+            self.guard: Any = guard if guard is not None and np.isfinite(guard.threshold) else None
         self.model = model.to(device).eval()
         self.meta = meta
         self.device = device
@@ -140,6 +241,7 @@ class LoadedModel:
         from raycyto.models.preprocessing import Preprocess
 
         self.preprocess = Preprocess.from_bundle(meta, model.spec)
+        self.policy = ReferralPolicy.from_meta(meta, refer_rule)
 
     @property
     def info(self) -> dict[str, str]:
@@ -154,12 +256,33 @@ class LoadedModel:
         Returns:
             one float32 array per image: features ``[D]`` (head scope) or pixels ``[3, S, S]`` (full).
         """
+        return [x for x, _ in self.embed_scored(images)]
+
+    def embed_scored(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, Optional[float]]]:
+        """:meth:`embed`, plus each image's out-of-distribution score (None without a guard).
+
+        The guard scores the pooled backbone features (head scope: the embedding itself; full
+        scope: one deterministic backbone forward, dropout off), as the sweep fitted it.
+
+        Returns:
+            ``(embedding, ood score)`` per image.
+        """
         import torch
 
-        x = self.preprocess(images)  # [N, 3, S, S]
+        x = self.preprocess(images).to(self.device)  # [N, 3, S, S]
         with torch.no_grad():
-            out = self.ops.embed(self.model, x.to(self.device))
-        return [np.ascontiguousarray(o, dtype=np.float32) for o in out.detach().cpu().numpy()]
+            out = self.ops.embed(self.model, x)
+            scores: list[Optional[float]] = [None] * len(images)
+            if self.guard is not None:
+                feats = out if self.scope == "head" else self.model.features(x)  # [N, D] or [N, C, h, w]
+                scores = [float(v) for v in self.guard.score(pooled_features(feats.detach().cpu().numpy()))]
+        emb = [np.ascontiguousarray(o, dtype=np.float32) for o in out.detach().cpu().numpy()]
+        return list(zip(emb, scores))
+
+    @property
+    def ood_threshold(self) -> Optional[float]:
+        """The guard's calibrated threshold (None without a guard)."""
+        return None if self.guard is None else float(self.guard.threshold)
 
     def run_chunk(self, x: np.ndarray, chunk: Chunk) -> np.ndarray:
         """Run one chunk of seeded stochastic passes on one embedded image; returns probs ``[n, C]``."""
@@ -172,36 +295,73 @@ class LoadedModel:
 
 
 def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str],
-                 model_info: dict[str, str], replicas: dict[str, Any]) -> dict[str, Any]:
+                 model_info: dict[str, str], replicas: dict[str, Any],
+                 policy: Optional[ReferralPolicy] = None, ood_score: Optional[float] = None,
+                 ood_threshold: Optional[float] = None) -> dict[str, Any]:
     """Summarise the passes of one image into the /predict JSON.
 
     Args:
         probs: ``[T, C]`` softmax probabilities of the T passes.
-        threshold: confidence below which the case is referred to a human.
+        threshold: vote confidence below which the case is referred (rule ``vote``).
         class_names: label names, index = class.
         model_info: ``{"name", "sha256"}``.
         replicas: ``{"count", "chunks", "ids"}`` describing who ran the passes.
+        policy: the bundle's :class:`ReferralPolicy` (None: the vote rule, no prediction set).
+        ood_score, ood_threshold: the out-of-distribution guard's score of this image and its
+            threshold (None: the bundle has no guard; the fields are omitted).
     Returns:
-        JSON-ready dict (label, confidence, refer, threshold, passes, probabilities, std,
-        entropy, mutual_information, model, replicas).
+        JSON-ready dict: label, confidence, refer, threshold, passes, probabilities, std,
+        entropy, mutual_information, model, replicas, rule (``vote``/``set``/``risk``),
+        refer_reason (None, the rule's name, or ``out_of_distribution``), refer_rule (the rule
+        in words); with a conformal calibration: prediction_set (class names, most probable
+        first) and coverage (its level); with a risk-controlled threshold: risk_threshold (None
+        when none was certified) and guarantee; with a guard: out_of_distribution, ood_score,
+        ood_threshold.
     """
     from raycyto.models.mc import summarize
 
+    policy = policy or ReferralPolicy()
     s = summarize(np.asarray(probs)[None], threshold=threshold)  # every value [1, ...]
     names = list(class_names)
-    return {
+    confidence, mean = float(s["confidence"][0]), np.asarray(s["mean"][0], dtype=np.float64)
+    members = policy.prediction_set(mean)
+    if policy.rule == "set":
+        by_rule = len(members) != 1
+    elif policy.rule == "risk":
+        t = policy.risk_threshold
+        by_rule = True if t is None or np.isnan(t) else confidence < t
+    else:
+        by_rule = bool(s["refer"][0])
+    ood = None if ood_score is None or ood_threshold is None else bool(ood_score > ood_threshold)
+    reason = OOD_REASON if ood else (policy.rule if by_rule else None)
+    out: dict[str, Any] = {
         "label": names[int(s["vote"][0])],
-        "confidence": float(s["confidence"][0]),
-        "refer": bool(s["refer"][0]),
+        "confidence": confidence,
+        "refer": bool(ood or by_rule),
         "threshold": float(threshold),
         "passes": int(np.asarray(probs).shape[0]),
-        "probabilities": {c: float(v) for c, v in zip(names, s["mean"][0])},
+        "probabilities": {c: float(v) for c, v in zip(names, mean)},
         "std": {c: float(v) for c, v in zip(names, s["std"][0])},
         "entropy": float(s["entropy"][0]),
         "mutual_information": float(s["mutual_information"][0]),
-        "model": dict(model_info),
-        "replicas": replicas,
+        "rule": policy.rule,
+        "refer_reason": reason,
+        "refer_rule": policy.describe(threshold),
     }
+    if members is not None:
+        out["prediction_set"] = [names[k] for k in members]
+        out["coverage"] = float(policy.level)
+    if policy.risk_threshold is not None:
+        t = policy.risk_threshold
+        out["risk_threshold"] = None if np.isnan(t) else float(t)
+        out["guarantee"] = policy.guarantee
+    if ood is not None:
+        out["out_of_distribution"] = ood
+        out["ood_score"] = float(ood_score)
+        out["ood_threshold"] = float(ood_threshold)
+    out["model"] = dict(model_info)
+    out["replicas"] = replicas
+    return out
 
 
 class LocalPredictor:
@@ -213,12 +373,13 @@ class LocalPredictor:
         mc_replicas: MC-head replicas the app would run (decides the full-scope default).
         seed: default request seed (None: the bundle's, ``model.json["mc"]["seed"]``).
         max_pixels: decompression-bomb limit.
+        refer_rule: overrides the bundle's referral rule (``vote``, ``set``, ``risk``).
     """
 
     def __init__(self, model_dir: str | Path, fan_out: int | None = None,
                  mc_replicas: int = DEFAULT_MC_REPLICAS, seed: int | None = None,
-                 max_pixels: int | None = None) -> None:
-        self.model = LoadedModel(model_dir)
+                 max_pixels: int | None = None, refer_rule: str | None = None) -> None:
+        self.model = LoadedModel(model_dir, refer_rule=refer_rule)
         self.fan_out = resolve_fan_out(fan_out, self.model.scope, mc_replicas)
         self.seed = self.model.default_seed if seed is None else int(seed)
         self.max_pixels = max_pixels
@@ -230,11 +391,12 @@ class LocalPredictor:
         m = self.model
         passes = passes or m.default_passes
         threshold = m.default_threshold if threshold is None else threshold
-        x = m.embed([image])[0]
+        x, ood = m.embed_scored([image])[0]
         plan = chunk_plan(passes, fan_out or self.fan_out, self.seed if seed is None else seed)
         probs = np.concatenate([m.run_chunk(x, c) for c in plan])  # [T, C]
         return build_result(probs, threshold, m.class_names, m.info,
-                            {"count": 1, "chunks": len(plan), "ids": ["in-process"]})
+                            {"count": 1, "chunks": len(plan), "ids": ["in-process"]},
+                            m.policy, ood, m.ood_threshold)
 
     def predict_bytes(self, data: bytes, **kw: Any) -> dict[str, Any]:
         """Validate, decode and predict one encoded image (raises ClientError on bad input)."""
