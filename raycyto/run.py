@@ -199,6 +199,7 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
             shutil.rmtree(paths[name])
     t0 = time.time()
 
+    ensure_ray()  # the synthetic images are drawn on Ray workers too
     console.rule(f"1/5 synthetic {syn.task} images")
     extra = {"abnormal_fraction": syn.abnormal_fraction} if syn.abnormal_fraction is not None else {}
     generate(syn.task, paths["data"], patients=syn.patients, per_patient=syn.per_patient, seed=syn.seed,
@@ -206,7 +207,6 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
     cfg = cfg.replace(**{"data.source": str(paths["data"]), "storage": str(out)})
 
     console.rule("2/5 sweep on Ray Tune")
-    ensure_ray()
     run_sweep(cfg, out=paths["experiment"], progress=True)
 
     console.rule("3/5 report")

@@ -84,6 +84,14 @@ def test_rerun_is_byte_identical_and_seeds_differ(task, tmp_path):
     assert all(a[k] != c[k] for k in shared if k.endswith(".png"))
 
 
+def test_parallel_generation_on_ray_writes_the_same_bytes(ray_local, tmp_path):
+    kw = dict(patients=9, per_patient=2, seed=2, size=48, progress=False)
+    generate("karyogram", tmp_path / "serial", parallel=False, **kw)
+    generate("karyogram", tmp_path / "ray", parallel=True, **kw)  # chunks of patients as Ray tasks
+    serial, ray = _hashes(tmp_path / "serial"), _hashes(tmp_path / "ray")
+    assert serial == ray and sum(k.endswith(".png") for k in serial) == 18  # manifest included
+
+
 def test_image_depends_only_on_seed_patient_and_index(tmp_path):
     """Image i of patient p is the same whatever else is generated (order independence)."""
     generate("leukemia", tmp_path / "two", patients=5, per_patient=2, seed=1, size=48,

@@ -60,8 +60,29 @@ def _progress(enabled: bool):
                     TimeRemainingColumn(), disable=not enabled)
 
 
+def _render_range(task: str, cohort: list[dict[str, Any]], first: int, out: str, per_patient: int, seed: int,
+                  size: int, digits: int) -> list[list[Any]]:
+    """Draw and write every image of patients ``first .. first + len(cohort) - 1``; manifest rows.
+
+    Each image depends only on (seed, patient, image), so any split of the patients over
+    workers writes the same bytes."""
+    spec = TASKS[task]
+    draw_side = max(size, spec.base_size)
+    rows = []
+    for p, patient in enumerate(cohort, start=first):
+        label = patient["label"]
+        (Path(out) / label).mkdir(exist_ok=True)
+        group = f"p{p:0{digits}d}"
+        for i in range(per_patient):
+            image = spec.render(patient, image_rng(seed, p, i), draw_side)  # [S, S, 3]
+            rel = f"{label}/{group}_i{i}.png"
+            (Path(out) / rel).write_bytes(encode_png(resize_to(image, size)))
+            rows.append([rel, label, group] + [patient[c] for c in spec.extra_columns])
+    return rows
+
+
 def generate(task: str, out: Path, patients: int, per_patient: int, seed: int,
-             size: int | None = None, progress: bool = True, **kw: Any) -> Path:
+             size: int | None = None, progress: bool = True, parallel: bool | None = None, **kw: Any) -> Path:
     """Write a synthetic dataset: ``out/<label>/p<patient>_i<k>.png`` and ``out/manifest.csv``.
 
     Args:
@@ -72,6 +93,8 @@ def generate(task: str, out: Path, patients: int, per_patient: int, seed: int,
         seed: non-negative seed; same arguments give byte-identical files.
         size: square image side in pixels (default: the task's base size).
         progress: show a rich progress bar.
+        parallel: draw on Ray workers (chunks of patients as Ray tasks); None: when Ray is
+            already running and the set has at least 64 images. Same bytes either way.
         **kw: task options (karyogram: ``abnormal_fraction``).
     Returns:
         Path of ``out/manifest.csv`` (columns ``path,label,group`` + task extra columns,
@@ -97,20 +120,31 @@ def generate(task: str, out: Path, patients: int, per_patient: int, seed: int,
 
     cohort = spec.plan(seed, patients, **options)
     digits = max(3, len(str(patients - 1)))
-    draw_side = max(size, spec.base_size)
-    rows = []
+    if parallel is None:
+        import sys
+
+        parallel = "ray" in sys.modules and sys.modules["ray"].is_initialized() and patients * per_patient >= 64
+    step = max(1, min(16, -(-patients // 32))) if parallel else 1  # patients per unit of work
+    chunks = [(first, cohort[first:first + step]) for first in range(0, patients, step)]
+    args = (str(out), per_patient, seed, size, digits)
+    parts: dict[int, list] = {}
     with _progress(progress) as bar:
         job = bar.add_task(f"synth {task}", total=patients * per_patient)
-        for p, patient in enumerate(cohort):
-            label = patient["label"]
-            (out / label).mkdir(exist_ok=True)
-            group = f"p{p:0{digits}d}"
-            for i in range(per_patient):
-                image = spec.render(patient, image_rng(seed, p, i), draw_side)  # [S, S, 3]
-                rel = f"{label}/{group}_i{i}.png"
-                (out / rel).write_bytes(encode_png(resize_to(image, size)))
-                rows.append([rel, label, group] + [patient[c] for c in spec.extra_columns])
-                bar.advance(job)
+        if parallel:  # Ray tasks over chunks of patients; rows gathered back in patient order
+            import ray
+
+            render = ray.remote(num_cpus=1)(_render_range)
+            pending = {render.remote(task, chunk, first, *args): first for first, chunk in chunks}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                first = pending.pop(done[0])
+                parts[first] = ray.get(done[0])
+                bar.advance(job, len(parts[first]))
+        else:
+            for first, chunk in chunks:
+                parts[first] = _render_range(task, chunk, first, *args)
+                bar.advance(job, len(parts[first]))
+    rows = [row for first in sorted(parts) for row in parts[first]]
 
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as fh:
