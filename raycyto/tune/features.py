@@ -192,7 +192,12 @@ def compute_feature_sets(table: "SourceTable", backbone: str, data: "DataConfig"
                         fn_constructor_kwargs={"backbone": backbone, "preprocess": pre.to_dict(),
                                                "pretrained": pretrained, "cuts": tuple(cuts)},
                         compute=ray.data.ActorPoolStrategy(size=resources.feature_actors),
-                        num_gpus=gpus, num_cpus=0 if gpus else 1)
+                        num_gpus=gpus, num_cpus=0 if gpus else 1,
+                        # Ray Data hands its actors their constructor in the object store, so a
+                        # restarted actor could not rebuild itself (ray#53727, Ray's core_worker
+                        # error at every sweep): no restarts; a crashed actor fails this stage and
+                        # the sweep reports it, and Tune retries nothing half-built.
+                        max_restarts=0)
     keys = ["path", "label", "group", "copy", *(column(c) for c in cuts)]
     cols: dict[str, list] = {k: [] for k in keys}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
