@@ -347,22 +347,29 @@ NOT_METADATA = {"trial_id", "backbone", "finetune", "head", "fold", "split", "pa
                 "label_name", "pred", "mc_label", "mc_confidence", "refer", "group", "entropy",
                 "mutual_information", "fingerprint", "copy"}
 MAX_STRATA = 20
+MIN_PER_VALUE = 5   # median test images per value: fewer = an identifier, not a stratum
 
 
 def metadata_columns(exp: "Experiment", rows: Optional[pd.DataFrame] = None) -> list[str]:
     """Manifest columns of predictions.parquet worth a per-value table: 2..20 distinct values
-    among ``rows`` (default: test rows), not probabilities, not ids, not path-like."""
+    with a median of at least 5 test images per value (so karyogram ``subtype`` is kept and
+    ``karyotype``, nearly one value per patient, is not), not probabilities, not path-like.
+
+    Args:
+        rows: test rows (default: every test row); counted on one trial's rows.
+    """
     rows = exp.test_predictions if rows is None else rows
+    if len(rows):
+        rows = rows[rows["trial_id"] == rows["trial_id"].iloc[0]]   # every trial tests the same images
     out = []
     for c in rows.columns:
         if c in NOT_METADATA or c.startswith(("prob_", "mc_", "std_")):
             continue
         values = rows[c].dropna()
-        n = values.nunique()
-        if not 2 <= n <= MAX_STRATA:
+        counts = values.astype(str).value_counts()
+        if not 2 <= len(counts) <= MAX_STRATA or counts.median() < MIN_PER_VALUE:
             continue
-        text = values.astype(str)
-        if text.str.contains(r"[/\\]").mean() > 0.5:     # path-like
+        if values.astype(str).str.contains(r"[/\\]").mean() > 0.5:     # path-like
             continue
         out.append(c)
     return out

@@ -240,7 +240,8 @@ class _Report:
         where = f"fold {cal.fold}, the one `raycyto export` exports, on its {cal.n} validation cases"
         parts = []
         if cal.risk is not None:
-            parts.append(f"{cal.risk.statement(exp.class_names[exp.positive])} ({where}.)")
+            parts.append(f"{cal.risk.statement(exp.class_names[exp.positive])} (Fold {cal.fold}, the one "
+                         "`raycyto export` exports.)")
         parts.append(f"The {mc.conformal_score.upper()} prediction set at level {level_label(mc.coverage)} "
                      f"holds the true class for at least {level_label(mc.coverage)} of new cases like the "
                      f"calibration cases, on average (split conformal, {where}"
