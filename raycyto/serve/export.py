@@ -34,7 +34,7 @@ import pandas as pd
 
 from raycyto.config import METRICS
 from raycyto.data.decode import is_uri
-from raycyto.errors import ConfigError
+from raycyto.errors import ConfigError, RaycytoError
 from raycyto.storage import copy_tree
 
 
@@ -119,6 +119,59 @@ def referral_for_export(exp: Any, trial_id: str, fold: int, target_recall: float
         raise
     positive = exp.class_names[exp.positive] if exp.positive is not None else "positive"
     return cal.to_json(mc, positive)
+
+
+def calibrate_guard(guard: Any, model: Any, meta: dict, exp: Any, trial_id: str, fold: int,
+                    rate: float | None) -> Any:
+    """Give an uncalibrated guard (threshold infinite) a threshold from the fold's validation images.
+
+    The sweep thresholds the guard at ``mc.ood_false_alarm`` with the split-conformal order
+    statistic, which needs ``ceil((n + 1) (1 - rate)) <= n`` validation images (19 at 5%);
+    a smaller validation fold leaves it infinite, and such a guard flags nothing. Here the
+    fold's validation images (predictions.parquet ``split == "val"`` paths; never a test
+    image) are embedded exactly as Serve does (the bundle's preprocessing and backbone, pooled
+    features), and the threshold becomes the order statistic at ``rate`` if the images
+    allow it, else their largest score: a new in-distribution image then exceeds it with
+    probability ``1 / (n + 1)`` (recorded as ``false_alarm_rate``, with ``calibrated_by``).
+
+    Returns:
+        ``guard`` (changed in place), or unchanged when it is calibrated already, or when
+        the images cannot be read here.
+    """
+    import torch
+
+    from raycyto.models.ood import conformal_upper_threshold
+    from raycyto.models.preprocessing import Preprocess
+    from raycyto.serve.predict import pooled_features
+    from raycyto.serve.validation import decode_upload
+
+    if guard is None or math.isfinite(guard.threshold):
+        return guard
+    p = exp.predictions
+    paths = p.loc[(p["trial_id"] == str(trial_id)) & (p["fold"] == int(fold)) & (p["split"] == "val"), "path"]
+    try:
+        images = [decode_upload(Path(str(x)).read_bytes()) for x in sorted(set(paths))]
+    except (OSError, ValueError, RaycytoError):
+        return guard
+    if len(images) < 2:
+        return guard
+    pre = Preprocess.from_bundle(meta, model.spec)
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(images), 16):
+            feats.append(pooled_features(model.features(pre(images[i:i + 16])).cpu().numpy()))
+    scores = guard.score(np.concatenate(feats))
+    rate = 0.05 if rate is None else float(rate)
+    threshold = conformal_upper_threshold(scores, rate)
+    achieved = rate
+    if not math.isfinite(threshold):
+        threshold, achieved = float(scores.max()), 1.0 / (len(scores) + 1)
+    guard.threshold, guard.false_alarm_rate, guard.n_calibration = float(threshold), float(achieved), len(scores)
+    guard.extra["calibrated_by"] = (f"raycyto export: {len(scores)} validation images of fold {fold} are too few "
+                                    f"for a {rate:g} false-alarm rate; largest validation score, rate "
+                                    f"{achieved:.3g}" if achieved != rate else
+                                    f"raycyto export on {len(scores)} validation images of fold {fold}")
+    return guard
 
 
 def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str | None = None,
@@ -210,7 +263,9 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
         raise ConfigError("--out", f"{out} exists and is not a model bundle; choose an empty folder")
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_bundle(tmp, model, enriched, guard=load_guard(ckpt, meta))
+    guard = calibrate_guard(load_guard(ckpt, meta), model, meta, exp, trial_id, fold,
+                            (config.get("mc") or {}).get("ood_false_alarm", 0.05))
+    save_bundle(tmp, model, enriched, guard=guard)
     load_bundle(tmp)  # refuse to publish a bundle that does not verify
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
