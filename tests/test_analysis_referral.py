@@ -117,6 +117,7 @@ def test_multiclass_report_has_sets_and_no_risk_rows_unless_a_target_is_given(tm
     assert not (tmp_path / "out" / "thresholds.csv").exists() and not (tmp_path / "out" / "strata.csv").exists()
     conformal = read_csv(tmp_path / "out" / "conformal.csv")
     assert {f"coverage_{c}_mean" for c in FIVE} <= set(conformal.columns)
+    assert not conformal["mondrian"].any()   # class-conditional rows: binary tasks only
     write_report(exp, tmp_path / "out", target_recall=0.7)
     t = read_csv(tmp_path / "out" / "thresholds.csv")
     assert (t["certified"] == False).all() and t["method"].str.contains("no guarantee").all()  # noqa: E712
