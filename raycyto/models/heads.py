@@ -14,6 +14,13 @@ Registry :data:`HEADS` (built from D and C only, never per backbone):
 - ``d``: ``c`` with dropout p=0.5 after each hidden ReLU (study B head D).
 - ``k``: study A's top: BatchNorm -> dropout -> dense(units) -> ReLU -> dropout -> C;
   ``units``, ``dropout1`` and ``dropout2`` are keyword arguments.
+- ``s``: spatial -- reads a feature map ``[N, C, h, w]`` (the layer named by
+  ``BackboneSpec.feature_map``), not pooled features: a positional multiple-instance head
+  (:class:`raycyto.models.spatial.MILMapHead`; ``in_dim`` = map channels, option
+  ``grid=(h, w)`` of the map -- the default 1x1 grid also takes pooled ``[N, D]``, so it
+  builds from D and C like the others; ``width``, ``kernel``, ``channel_dropout``,
+  ``dropout``, ``temperature``, ``shared``). :func:`raycyto.models.spatial.is_spatial` tells callers which
+  heads need maps.
 
 Binary tasks use **C = 2 logits with softmax cross-entropy everywhere** (equivalent to
 BCE-with-logits on the logit difference), so MC dropout, metrics and SVM calibration
@@ -34,6 +41,7 @@ from torch import Tensor, nn
 
 from raycyto.errors import DataError, RaycytoError
 from raycyto.models.mc import MCDropout
+from raycyto.models.spatial import build_spatial_head
 
 
 class Standardize(nn.Module):
@@ -250,6 +258,7 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "c": partial(MLPHead, hidden=(1024, 512, 128)),
     "d": partial(MLPHead, hidden=(1024, 512, 128), dropout=0.5),
     "k": StudyAHead,
+    "s": build_spatial_head,  # feature maps [N, C, h, w] (raycyto.models.spatial)
     "probe": LinearProbe,  # the baseline (raycyto.tune.probe), not a grid.heads choice
 }
 #: Heads that are baselines: fitted by raycyto.tune.probe in every frozen sweep, never in grid.heads.

