@@ -29,8 +29,8 @@ table{border-collapse:collapse;font-size:12px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
 th{background:#f2f2f2} td.s{text-align:left}
 tr.best td{background:#fff3b0;font-weight:600}
-figure{display:inline-block;margin:8px;vertical-align:top}
-figcaption{font-size:12px;color:#555}
+figure{display:inline-table;margin:8px;vertical-align:top}
+figcaption{display:table-caption;caption-side:bottom;font-size:12px;color:#555}
 pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}
 .note{font-size:12px;color:#555}
 img{max-width:100%;height:auto}

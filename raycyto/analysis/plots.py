@@ -293,7 +293,8 @@ def conformal_coverage_plot(table: pd.DataFrame, title: str, path: Path,
     """
     fig, (ax, ax2) = _figure(8.4, 3.8, ncols=2)
     levels = np.sort(table["level"].unique()) if len(table) else np.array([0.9])
-    lo, hi = max(0.0, levels.min() - 0.1), 1.0
+    low = (table["coverage_mean"] - np.nan_to_num(table["coverage_std"])).min() if len(table) else 1.0
+    lo, hi = max(0.0, min(levels.min() - 0.1, float(low) - 0.02)), 1.0
     grid = np.linspace(lo, hi, 10)
     ax.plot(grid, grid, ls="--", color="grey", lw=0.8, label="nominal")
     ax.fill_between(grid, grid - tolerance, np.minimum(grid + tolerance, 1), color="grey",
