@@ -124,8 +124,12 @@ class GridConfig:
     head_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def cells(self) -> list[tuple[str, str, str]]:
-        """All (backbone, finetune, head) cells in config order."""
-        return [(b, f, h) for b in self.backbones for f in self.finetune for h in self.heads]
+        """All (backbone, finetune, head) cells in config order. Spatial heads (``s``) read a
+        frozen backbone's feature map: they pair with ``frozen`` only."""
+        from raycyto.models.spatial import is_spatial
+
+        return [(b, f, h) for b in self.backbones for f in self.finetune for h in self.heads
+                if f == "frozen" or not is_spatial(h)]
 
     def _check(self, prefix: str) -> None:
         for name in ("backbones", "finetune", "heads"):
@@ -151,6 +155,11 @@ class GridConfig:
                 raise ConfigError(f"{prefix}.heads", f"{head!r} is the baseline every frozen-backbone sweep "
                                                     "fits by itself (results.csv rows probe-<backbone>); "
                                                     "remove it from grid.heads")
+        from raycyto.models.spatial import is_spatial
+
+        if any(is_spatial(h) for h in self.heads) and "frozen" not in self.finetune:
+            raise ConfigError(f"{prefix}.heads", "spatial heads (s) read a frozen backbone's feature map: "
+                                                "add frozen to grid.finetune or remove s")
         for name, known, values in (("backbones", BACKBONES, self.backbones), ("heads", HEADS, self.heads)):
             for value in values:
                 if value not in known:
@@ -197,6 +206,7 @@ class TrainConfig:
     loss: str = "cross_entropy"
     select_metric: str = "val_accuracy"
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0    # cross-entropy target smoothing (0 = none)
     patience: Optional[int] = None  # stop after this many epochs without improvement
     precision: str = "fp32"         # "bf16": autocast (on the trial's GPU, or the CPU)
     cache_prefix: bool = True       # last1/last2: run the frozen prefix once per (image, copy), cache it
@@ -209,6 +219,8 @@ class TrainConfig:
         _check_metric(f"{prefix}.select_metric", self.select_metric)
         if self.weight_decay < 0:
             raise ConfigError(f"{prefix}.weight_decay", f"expected >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{prefix}.label_smoothing", f"expected in [0, 1), got {self.label_smoothing}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"{prefix}.patience", f"expected >= 1 or null, got {self.patience}")
 

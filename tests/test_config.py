@@ -27,7 +27,7 @@ def test_every_shipped_config_loads_and_validates(path, tmp_path):
 
 def test_study_configs_match_the_studies():
     a = load_config(CONFIGS[[p.name for p in CONFIGS].index("karyogram_study.yaml")])
-    assert a.grid.backbones == ("vgg16", "inception_v3") and a.grid.heads == ("k",)
+    assert a.grid.backbones == ("vgg16", "inception_v3") and a.grid.heads == ("k", "s")
     assert a.grid.finetune == ("frozen", "last1", "last2", "full") and a.data.policy == "karyogram"
     assert a.search.lr == (7e-4, 3e-2) and a.search.batch_size == (16, 32) and a.data.image_size == 416
     b = load_config(CONFIGS[[p.name for p in CONFIGS].index("leukemia_study.yaml")])
@@ -137,3 +137,15 @@ def test_set_overrides_go_through_the_typed_checks_and_name_the_field():
 def test_the_probe_is_not_a_grid_head():
     with pytest.raises(ConfigError, match="grid.heads.*baseline"):
         load_config({"grid": {"heads": ["a", "probe"]}})
+
+
+def test_spatial_heads_pair_with_frozen_cells_only():
+    """Head s reads a frozen backbone's feature map: no (s, lastN) cells, and a grid without
+    frozen names grid.heads; label smoothing is range-checked."""
+    cfg = load_config({"name": "x", "grid": {"heads": ["s", "a"], "finetune": ["frozen", "last1"]}})
+    assert cfg.grid.cells() == [("efficientnet_lite0", "frozen", "s"), ("efficientnet_lite0", "frozen", "a"),
+                                ("efficientnet_lite0", "last1", "a")]
+    with pytest.raises(ConfigError, match="grid.heads"):
+        load_config({"name": "x", "grid": {"heads": ["s"], "finetune": ["last1"]}})
+    with pytest.raises(ConfigError, match="train.label_smoothing"):
+        load_config({"name": "x", "train": {"label_smoothing": 1.5}})

@@ -116,3 +116,38 @@ def test_head_scope_equals_full_scope_for_a_spatial_head(dropout):
     # ... and with them every summary of their distribution
     for key in ("mean", "std", "confidence"):
         np.testing.assert_allclose(summarize(head_scope)[key], summarize(full_scope)[key], atol=1e-4)
+
+
+def test_reference_class_logit_is_zero_in_every_pass():
+    """A binary spatial head pins the negative class's logit at 0 ("no cell carries evidence"),
+    deterministic and in MC passes alike; without a reference both logits vary."""
+    torch.manual_seed(0)
+    maps = torch.randn(3, 8, 4, 4)
+    head = build_head("s", 8, 2, grid=(4, 4), reference=1).eval()
+    assert torch.all(head(maps)[:, 1] == 0) and torch.any(head(maps)[:, 0] != 0)
+    probs = mc_map_predict(head, maps, passes=5, seed=1)  # [3, 5, 2]
+    assert probs[:, :, 0].std(axis=1).min() > 0  # passes differ against the pinned class
+    free = build_head("s", 8, 2, grid=(4, 4)).eval()
+    assert torch.all(free(maps)[:, 1] != 0)
+    with pytest.raises(Exception, match="reference"):
+        build_head("s", 8, 2, grid=(4, 4), reference=2)
+
+
+def test_train_head_standardises_the_maps_and_casts_float16():
+    """train_head fits the head's per-channel standardisation on the training maps (saved in its
+    state dict), and float16 cached maps train and predict like float32 ones."""
+    from raycyto.config import TrainConfig
+    from raycyto.tune.train import HeadData, HParams, Task, train_head
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(5.0, 3.0, (40, 6, 3, 3))).astype(np.float16)
+    y = (np.arange(40) % 2).astype(np.int64)
+    x[y == 1, :, 1, 1] += 4  # the evidence sits in one cell
+    data = HeadData(x[:30], y[:30], x[30:].astype(np.float32), y[30:])
+    res = train_head("s", data, task=Task(2, 0), train=TrainConfig(epochs=3), hp=HParams(lr=1e-2, batch_size=8),
+                     head_kwargs={"grid": [3, 3], "reference": 1})
+    state = res.model.state_dict()
+    assert torch.allclose(state["norm.mean"], torch.from_numpy(x[:30].astype(np.float32)).mean((0, 2, 3)), atol=1e-3)
+    assert (state["norm.scale"] > 2).all()
+    h = res.model.eval()
+    assert torch.allclose(h(torch.from_numpy(x[30:])), h(torch.from_numpy(x[30:].astype(np.float32))))

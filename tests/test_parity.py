@@ -31,13 +31,12 @@ def _photo(h: int, w: int, cls: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def swept(ray_local, tmp_path_factory):
+def _sweep(root: Path, head: str, input_size: int):
+    """A real sweep of one head on the mixed-size set, exported: (bundle, model.json, test rows)."""
     from raycyto.config import load_config
     from raycyto.serve.export import export_model
     from raycyto.tune.sweep import run_sweep
 
-    root = tmp_path_factory.mktemp("parity")
     data = root / "data"
     for cls, name in enumerate(("clear", "spot")):
         (data / name).mkdir(parents=True)
@@ -46,9 +45,9 @@ def swept(ray_local, tmp_path_factory):
             cv2.imwrite(str(data / name / f"{name}{i}{ext}"), _photo(h, w, cls, 10 * cls + i)[:, :, ::-1])
     cfg = load_config({
         "name": "parity",
-        "data": {"source": str(data), "positive_class": "spot", "image_size": 48, "input_size": 40},
+        "data": {"source": str(data), "positive_class": "spot", "image_size": 48, "input_size": input_size},
         "cv": {"folds": 2, "val_fraction": 0.25},
-        "grid": {"backbones": ["efficientnet_lite0"], "heads": ["d"]},
+        "grid": {"backbones": ["efficientnet_lite0"], "heads": [head]},
         "search": {"algorithm": "random", "samples": 1, "batch_size": [8]},
         "train": {"epochs": 2},
         "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
@@ -64,6 +63,17 @@ def swept(ray_local, tmp_path_factory):
     return model, meta, preds
 
 
+@pytest.fixture(scope="module")
+def swept(ray_local, tmp_path_factory):
+    return _sweep(tmp_path_factory.mktemp("parity"), "d", 40)
+
+
+@pytest.fixture(scope="module")
+def swept_spatial(ray_local, tmp_path_factory):
+    """Spatial head s: the bundle's backbone is the map extractor (Lite0 blocks.4, 4 x 4 cells at 64 px)."""
+    return _sweep(tmp_path_factory.mktemp("parity_s"), "s", 64)
+
+
 def _check(answer: dict, row: pd.Series, classes: list[str]) -> float:
     """Largest difference between an answer's probabilities and the parquet row's MC mean."""
     got = np.array([answer["probabilities"][c] for c in classes])
@@ -71,7 +81,8 @@ def _check(answer: dict, row: pd.Series, classes: list[str]) -> float:
     return float(np.abs(got - want).max())
 
 
-def test_local_predictor_and_raycyto_predict_reproduce_the_sweep(swept, tmp_path):
+@pytest.mark.parametrize("which", ["swept", "swept_spatial"])
+def test_local_predictor_and_raycyto_predict_reproduce_the_sweep(which, request):
     from typer.testing import CliRunner
 
     from raycyto.cli import app
@@ -81,7 +92,9 @@ def test_local_predictor_and_raycyto_predict_reproduce_the_sweep(swept, tmp_path
 
     from raycyto.data.decode import decode_image
 
-    model, meta, preds = swept
+    model, meta, preds = request.getfixturevalue(which)
+    if which == "swept_spatial":
+        assert meta["head"] == "s" and meta["head_kwargs"]["grid"] == [4, 4] and meta["head_kwargs"]["reference"] == 0  # clear
     classes = meta["class_names"]
     local = LocalPredictor(model)
     worst = 0.0

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from raycyto.models.finetune import FINETUNE_MODES, apply_finetune, frozen_batchnorms
 from raycyto.models.heads import build_head
 from raycyto.models.mc import MCDropout
-from raycyto.models.registry import BackboneSpec, build_backbone, get_spec
+from raycyto.models.registry import BackboneSpec, build_backbone, build_map_extractor, get_spec
+from raycyto.models.spatial import is_spatial
 
 __all__ = ["Classifier", "build_classifier", "FINETUNE_MODES"]
 
@@ -77,7 +78,9 @@ def build_classifier(backbone: str, head: str, num_classes: int, finetune: str =
 
     Args:
         backbone: registry name.
-        head: head name (``a b c d k``).
+        head: head name (``a b c d k``, or ``s``: a spatial head on the backbone's feature
+            map, ``spec.feature_map``; the backbone is then the map extractor, and
+            ``head_kwargs`` carries the map's ``grid``).
         num_classes: C (2 for binary).
         finetune: one of ``frozen last1 last2 full``.
         pretrained: ImageNet weights (verified, offline) or random init when False.
@@ -98,8 +101,16 @@ def build_classifier(backbone: str, head: str, num_classes: int, finetune: str =
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(int(seed))
-        bb = build_backbone(backbone, pretrained)
-        hd = build_head(head, spec.feature_dim, num_classes, **head_kwargs)
+        if is_spatial(head):  # the backbone up to its feature map; the head reads the map
+            if finetune != "frozen":
+                from raycyto.errors import RaycytoError
+
+                raise RaycytoError(f"spatial head {head!r} runs on a frozen backbone only, got finetune={finetune!r}")
+            bb = build_map_extractor(backbone, pretrained)
+            hd = build_head(head, spec.feature_map.channels, num_classes, **head_kwargs)
+        else:
+            bb = build_backbone(backbone, pretrained)
+            hd = build_head(head, spec.feature_dim, num_classes, **head_kwargs)
     config = {"backbone": backbone, "head": head, "num_classes": int(num_classes),
               "finetune": finetune, "pretrained": bool(pretrained), "head_kwargs": head_kwargs,
               "backbone_dropout": float(backbone_dropout), "seed": seed}

@@ -173,24 +173,35 @@ def feature_cuts(cfg: SweepConfig, backbone: str, n_images: int, cache_features:
     import math
 
     from raycyto.models.registry import get_spec
-    from raycyto.models.split import prefix_tail
-    from raycyto.tune.features import POOLED
+    from raycyto.errors import ConfigError, RaycytoError
+    from raycyto.models.split import SequentialView, sequence_names
+    from raycyto.tune.features import POOLED, cut_index
+
+    from raycyto.models.spatial import is_spatial
 
     cuts = [POOLED] if "frozen" in cfg.grid.finetune and cache_features else []
     modes = [m for m in cfg.grid.finetune if m in ("last1", "last2")] if cfg.train.cache_prefix and cache_features else []
-    if modes:
+    spatial = any(f == "frozen" and is_spatial(h) for _, f, h in cfg.grid.cells())
+    if spatial and not cache_features:
+        raise RaycytoError("spatial heads (s) train on cached feature maps; run without --no-cache")
+    if modes or spatial:
         import torch
 
         from raycyto.models.registry import build_backbone
 
         spec, side = get_spec(backbone), cfg.data.input_size or get_spec(backbone).input_size
-        model = build_backbone(backbone, pretrained=False).eval()
-        for mode in modes:  # the prefix's output shape, from a random-weight pass at the input size
+        model, names = build_backbone(backbone, pretrained=False).eval(), sequence_names(spec)
+        for mode in modes + ([spec.feature_map.layer] if spatial else []):
+            # the prefix's output shape, from a random-weight pass at the input size
             with torch.no_grad():
-                shape = prefix_tail(model, spec, mode)[0](torch.zeros(1, 3, side, side)).shape[1:]
+                shape = SequentialView(model, names[:cut_index(spec, mode)], pooled=False)(torch.zeros(1, 3, side, side)).shape[1:]
             gb = n_images * cfg.data.copies * math.prod(shape) * 2 / 1e9
             if gb <= cfg.resources.cache_gb:
                 cuts.append(mode)
+            elif mode not in modes:  # a feature map: spatial heads have no streamed path
+                raise ConfigError("resources.cache_gb", f"{backbone} feature maps {tuple(shape)} of {n_images} images x "
+                                                        f"{cfg.data.copies} copies need {gb:.1f} GB (float16) for the "
+                                                        "spatial heads; raise it, or lower data.copies / input_size")
             else:
                 _log(progress, f"[yellow]warning:[/yellow] {backbone} {mode}: its frozen prefix would take {gb:.1f} GB "
                                f"(> resources.cache_gb {cfg.resources.cache_gb:g}); those trials stream images instead")

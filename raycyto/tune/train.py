@@ -151,7 +151,7 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
         train_batches: epoch -> iterable of (x, y) training batches (shuffled per epoch).
         val_batches: () -> iterable of (x, y) validation batches.
         task: classes and positive class (binary metrics).
-        train: epochs, optimizer, weight_decay, select_metric, patience, precision.
+        train: epochs, optimizer, weight_decay, label_smoothing, select_metric, patience, precision.
         hp: learning rate (the batch size is already in the batches).
         class_weight: optional [C] weights for the loss.
         forward: optional ``(model, x) -> logits`` (default ``model(x)``).
@@ -171,7 +171,7 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
     params = [p for p in model.parameters() if p.requires_grad]
     opt = OPTIMIZERS[train.optimizer](params, hp.lr, train.weight_decay)
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     select, mode = train.select_metric, metric_mode(train.select_metric)
     rows, best_value, best_loss, best_epoch, best_state, since_best = [], math.nan, math.inf, 0, None, 0
     for epoch in range(1, train.epochs + 1):

@@ -178,8 +178,13 @@ def predict_split(head: Any, features: np.ndarray, labels: np.ndarray, ctx: Tria
     from raycyto.models.mc import mc_head_predict, summarize
     from raycyto.tune.train import array_batches, predict_probs
 
-    probs, _ = predict_probs(head, array_batches(features, labels, 1024)(0))  # [N, C]
-    passes = mc_head_predict(head, torch.as_tensor(features, dtype=torch.float32), ctx.cfg.mc.passes, seed=seed)
+    from raycyto.models.spatial import MILMapHead, mc_map_predict
+
+    probs, _ = predict_probs(head, array_batches(features, labels, 256)(0))  # [N, C]
+    x = torch.as_tensor(features, dtype=torch.float32)
+    # a spatial head's passes without T copies of every map (the same masks, pass for pass)
+    mc_passes = mc_map_predict if isinstance(head, MILMapHead) else mc_head_predict
+    passes = mc_passes(head, x, ctx.cfg.mc.passes, seed=seed)
     mc = summarize(passes, ctx.cfg.mc.threshold)  # [N, T, C] -> per-image summary
     return probs, mc, classification_metrics(labels, probs, ctx.positive)
 
@@ -203,11 +208,21 @@ class FoldRunner:
         self.head_kwargs = dict(self.cfg.grid.head_kwargs.get(config["head"], {}))
         from raycyto.tune.features import feature_key
 
+        from raycyto.models.registry import get_spec
+        from raycyto.models.spatial import is_spatial
+
         self.hp = HParams.from_trial(config)
         self.pre = ctx.preprocess(config["backbone"])
-        # frozen: the cached pooled features; lastN: the cached output of the frozen prefix, if any
-        key = feature_key(config["backbone"], "pooled" if self.frozen else config["finetune"])
+        # frozen: the cached pooled features (spatial heads: the feature map of spec.feature_map);
+        # lastN: the cached output of the frozen prefix, if any
+        spatial = is_spatial(config["head"])
+        cut = get_spec(config["backbone"]).feature_map.layer if spatial else "pooled" if self.frozen else config["finetune"]
+        key = feature_key(config["backbone"], cut)
         self.features = ray.get(ctx.feature_refs[key]) if key in ctx.feature_refs else None
+        if spatial:  # the head is built for the cached map's grid; binary: the negative class is its reference
+            self.head_kwargs.setdefault("grid", [int(v) for v in self.features.features.shape[2:]])
+            if ctx.positive is not None and ctx.task.num_classes == 2:
+                self.head_kwargs.setdefault("reference", 1 - int(ctx.positive))
         self._build = lambda seed: build_classifier(config["backbone"], config["head"], ctx.task.num_classes,
                                                     config["finetune"], pretrained=True,
                                                     head_kwargs=self.head_kwargs, seed=seed)
@@ -234,7 +249,7 @@ class FoldRunner:
 
         fs, rows = fold_features(self.ctx, self.config["backbone"], self.features, split)
         train = rows["train"]
-        data = HeadData(fs.features[train], fs.label[train], fs.features[rows["val"]], fs.label[rows["val"]],
+        data = HeadData(fs.features[train], fs.label[train], fs.eval_features(rows["val"]), fs.label[rows["val"]],
                         groups_train=fs.group[train])
         result = train_head(self.config["head"], data, task=self.ctx.task, train=self.cfg.train, hp=self.hp,
                             seed=mc_seed(self.cfg, split.fold), head_kwargs=self.head_kwargs,
@@ -331,7 +346,7 @@ def fold_features(ctx: TrialContext, backbone: str, features: Any, split: Any) -
 
 def _evals(fs: Any, rows: dict[str, np.ndarray]) -> dict[str, tuple]:
     """{val, test: (features, labels, row meta)} of a fold from a FeatureSet."""
-    return {name: (fs.features[rows[name]], fs.label[rows[name]],
+    return {name: (fs.eval_features(rows[name]), fs.label[rows[name]],
                    pd.DataFrame({"path": fs.path[rows[name]], "group": fs.group[rows[name]]}))
             for name in ("val", "test")}
 
