@@ -218,9 +218,13 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
     console.rule("5/5 endpoint on Ray Serve")
     app = build_app(AppArgs(model_dir=str(paths["model"]), backbone_num_cpus=0.5, mc_num_cpus=0.25,
                             ingress_num_cpus=0.1))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's start-up INFO lines: its log files
+    quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     try:
-        serve.run(app, name="raycyto", route_prefix="/")
+        serve.run(app, name="raycyto", route_prefix="/", logging_config=quiet)
         answers = query_endpoint(f"http://127.0.0.1:{port}/predict",
                                  _sample_images(paths["data"], cfg.data.positive_class))
     finally:

@@ -143,3 +143,11 @@ def test_cell_searcher_round_robins_cells_within_bounds_and_routes_results(algor
 
     log = read_search_log(tmp_path / "log.jsonl")
     assert [r["value"] for r in log] == [pytest.approx(0.5 + 0.1 * (i % 2)) for i in range(6)]
+
+
+def test_feature_actors_leave_cpu_for_the_tasks_that_feed_them():
+    """2 actors on a 2-CPU cluster at 1 CPU each starved the decode tasks (the stage hung)."""
+    from raycyto.tune.features import actor_cpus
+
+    assert actor_cpus(8, 2) == 1.0 and actor_cpus(3, 2) == 1.0 and actor_cpus(2, 1) == 1.0
+    assert actor_cpus(2, 2) == 0.5 and actor_cpus(4, 4) == 0.75  # one CPU left for a decode task

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -152,6 +153,17 @@ class FeatureExtractor:
         return out
 
 
+def actor_cpus(cluster_cpus: float, actors: int) -> float:
+    """CPUs each CPU feature actor requests: 1, unless the actors would leave less than one CPU
+    to the decode and augment tasks feeding them (each asks for 1); then an equal share of the
+    rest (2 actors on 2 CPUs at 1 each starve those tasks, and the stage waits forever).
+    Fractional actors still run one torch thread each."""
+    actors = max(1, int(actors))
+    if cluster_cpus >= actors + 1:
+        return 1.0
+    return max(0.1, (float(cluster_cpus) - 1.0) / actors)
+
+
 def column(cut: str) -> str:
     """The dataset column of a cut: ``features`` (pooled) or ``features:<cut>``."""
     return "features" if cut == POOLED else f"features:{cut}"
@@ -188,16 +200,20 @@ def compute_feature_sets(table: "SourceTable", backbone: str, data: "DataConfig"
     pre = Preprocess.build(backbone, data.image_size, data.input_size)
     ds = image_dataset(table, pre.image_size, policy=data.policy, copies=data.copies, seed=seed)
     gpus = 1 if resources.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0 else 0
-    ds = ds.map_batches(FeatureExtractor, batch_size=resources.feature_batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"backbone": backbone, "preprocess": pre.to_dict(),
-                                               "pretrained": pretrained, "cuts": tuple(cuts)},
-                        compute=ray.data.ActorPoolStrategy(size=resources.feature_actors),
-                        num_gpus=gpus, num_cpus=0 if gpus else 1,
-                        # Ray Data hands its actors their constructor in the object store, so a
-                        # restarted actor could not rebuild itself (ray#53727, Ray's core_worker
-                        # error at every sweep): no restarts; a crashed actor fails this stage and
-                        # the sweep reports it, and Tune retries nothing half-built.
-                        max_restarts=0)
+    cpus = 0 if gpus else actor_cpus(ray.cluster_resources().get("CPU", 1), resources.feature_actors)
+    with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60: the generic
+        # remote-args path, which Ray flags as deprecated at every call
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(FeatureExtractor, batch_size=resources.feature_batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={"backbone": backbone, "preprocess": pre.to_dict(),
+                                                   "pretrained": pretrained, "cuts": tuple(cuts)},
+                            compute=ray.data.ActorPoolStrategy(size=resources.feature_actors),
+                            num_gpus=gpus, num_cpus=cpus,
+                            # Ray Data hands its actors their constructor in the object store, so a
+                            # restarted actor could not rebuild itself (ray#53727, Ray's core_worker
+                            # error at every sweep): no restarts; a crashed actor fails this stage and
+                            # the sweep reports it, and Tune retries nothing half-built.
+                            max_restarts=0)
     keys = ["path", "label", "group", "copy", *(column(c) for c in cuts)]
     cols: dict[str, list] = {k: [] for k in keys}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
