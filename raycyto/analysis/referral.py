@@ -223,6 +223,17 @@ def conformal_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
     return summary.reset_index(drop=True), folds
 
 
+def _fold_splits(exp: "Experiment", selection: pd.DataFrame):
+    """(selection row, fold, validation rows, test rows) of every selected trial's folds that
+    have validation rows."""
+    for s in selection.itertuples(index=False):
+        trial = exp.predictions[exp.predictions["trial_id"] == s.trial_id]
+        for fold in sorted(trial["fold"].unique()):
+            val = trial[(trial["fold"] == fold) & (trial["split"] == "val")]
+            if not val.empty:
+                yield s, fold, val, trial[(trial["fold"] == fold) & (trial["split"] == "test")]
+
+
 def _kept_metrics(y: np.ndarray, pred: np.ndarray, conf: np.ndarray, threshold: float,
                   positive: int) -> dict[str, float]:
     """Referral rate and, among kept cases, positive recall / accuracy at ``threshold``
@@ -260,36 +271,30 @@ def risk_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
 
     rows = []
     pos_name = exp.class_names[exp.positive]
-    for s in selection.itertuples(index=False):
-        trial = exp.predictions[exp.predictions["trial_id"] == s.trial_id]
-        for fold in sorted(trial["fold"].unique()):
-            val = trial[(trial["fold"] == fold) & (trial["split"] == "val")]
-            test = trial[(trial["fold"] == fold) & (trial["split"] == "test")]
-            if val.empty:
-                continue
-            g = risk_controlled_threshold(val["label"].to_numpy(), val["mc_label"].to_numpy(),
-                                          val["mc_confidence"].to_numpy(), exp.positive,
-                                          mc.target_recall, mc.risk_delta)
-            y, pred = test["label"].to_numpy(), test["mc_label"].to_numpy()
-            conf = test["mc_confidence"].to_numpy(dtype=float)
-            at = _kept_metrics(y, pred, conf, g.threshold, exp.positive)
-            vote = _kept_metrics(y, pred, conf, exp.threshold, exp.positive)
-            met = at["recall_kept"] >= mc.target_recall - 1e-12 if not math.isnan(at["recall_kept"]) \
-                else math.nan
-            rows.append({
-                "config": s.config, "trial_id": s.trial_id, "best": bool(s.best), "fold": int(fold),
-                "exported": exported == (s.trial_id, int(fold)),
-                "target": mc.target_recall, "delta": mc.risk_delta, "threshold": g.threshold,
-                "certified": g.certified, "val_n": g.n, "val_positives": g.n_positive,
-                "min_positives": min_positives(mc.target_recall, mc.risk_delta),
-                "val_referral_rate": g.referral_rate, "val_recall_kept": g.recall_kept,
-                "p_value": g.p_value, "test_n": len(test),
-                **{f"test_{k}": v for k, v in at.items()}, "test_met": met,
-                "vote_threshold": exp.threshold,
-                "vote_test_referral_rate": vote["referral_rate"],
-                "vote_test_recall_kept": vote["recall_kept"],
-                "statement": g.statement(pos_name),
-            })
+    for s, fold, val, test in _fold_splits(exp, selection):
+        g = risk_controlled_threshold(val["label"].to_numpy(), val["mc_label"].to_numpy(),
+                                      val["mc_confidence"].to_numpy(), exp.positive,
+                                      mc.target_recall, mc.risk_delta)
+        y, pred = test["label"].to_numpy(), test["mc_label"].to_numpy()
+        conf = test["mc_confidence"].to_numpy(dtype=float)
+        at = _kept_metrics(y, pred, conf, g.threshold, exp.positive)
+        vote = _kept_metrics(y, pred, conf, exp.threshold, exp.positive)
+        met = at["recall_kept"] >= mc.target_recall - 1e-12 if not math.isnan(at["recall_kept"]) \
+            else math.nan
+        rows.append({
+            "config": s.config, "trial_id": s.trial_id, "best": bool(s.best), "fold": int(fold),
+            "exported": exported == (s.trial_id, int(fold)),
+            "target": mc.target_recall, "delta": mc.risk_delta, "threshold": g.threshold,
+            "certified": g.certified, "val_n": g.n, "val_positives": g.n_positive,
+            "min_positives": min_positives(mc.target_recall, mc.risk_delta),
+            "val_referral_rate": g.referral_rate, "val_recall_kept": g.recall_kept,
+            "p_value": g.p_value, "test_n": len(test),
+            **{f"test_{k}": v for k, v in at.items()}, "test_met": met,
+            "vote_threshold": exp.threshold,
+            "vote_test_referral_rate": vote["referral_rate"],
+            "vote_test_recall_kept": vote["recall_kept"],
+            "statement": g.statement(pos_name),
+        })
     return pd.DataFrame(rows)
 
 
@@ -321,25 +326,19 @@ def empirical_thresholds(exp: "Experiment", selection: pd.DataFrame, target: flo
     from raycyto.analysis.uncertainty import apply_threshold, smallest_threshold_for_recall
 
     rows = []
-    for s in selection.itertuples(index=False):
-        trial = exp.predictions[exp.predictions["trial_id"] == s.trial_id]
-        for fold in sorted(trial["fold"].unique()):
-            val = trial[(trial["fold"] == fold) & (trial["split"] == "val")]
-            test = trial[(trial["fold"] == fold) & (trial["split"] == "test")]
-            if val.empty:
-                continue
-            ch = smallest_threshold_for_recall(val["label"].to_numpy(), val["mc_label"].to_numpy(),
-                                               val["mc_confidence"].to_numpy(), target,
-                                               exp.num_classes, exp.positive)
-            applied = apply_threshold(test["label"].to_numpy(), test["mc_label"].to_numpy(),
-                                      test["mc_confidence"].to_numpy(), ch.threshold,
-                                      exp.num_classes, exp.positive) if ch.reached else {}
-            rows.append({"config": s.config, "trial_id": s.trial_id, "best": bool(s.best),
-                         "fold": int(fold), "target": target, "threshold": ch.threshold,
-                         "certified": False, "method": "empirical (no guarantee): macro recall",
-                         "val_referral_rate": ch.referral_rate, "val_recall_kept": ch.recall_kept,
-                         **{f"test_{k}": applied.get(k, math.nan)
-                            for k in ("referral_rate", "recall_kept", "accuracy_kept")}})
+    for s, fold, val, test in _fold_splits(exp, selection):
+        ch = smallest_threshold_for_recall(val["label"].to_numpy(), val["mc_label"].to_numpy(),
+                                           val["mc_confidence"].to_numpy(), target,
+                                           exp.num_classes, exp.positive)
+        applied = apply_threshold(test["label"].to_numpy(), test["mc_label"].to_numpy(),
+                                  test["mc_confidence"].to_numpy(), ch.threshold,
+                                  exp.num_classes, exp.positive) if ch.reached else {}
+        rows.append({"config": s.config, "trial_id": s.trial_id, "best": bool(s.best),
+                     "fold": int(fold), "target": target, "threshold": ch.threshold,
+                     "certified": False, "method": "empirical (no guarantee): macro recall",
+                     "val_referral_rate": ch.referral_rate, "val_recall_kept": ch.recall_kept,
+                     **{f"test_{k}": applied.get(k, math.nan)
+                        for k in ("referral_rate", "recall_kept", "accuracy_kept")}})
     return pd.DataFrame(rows)
 
 
