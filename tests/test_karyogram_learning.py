@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-PATIENTS = 120
+PATIENTS = 200
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_spatial_head_beats_the_probe_on_pooled_features(karyogram_features):
 
     pooled, maps, y = karyogram_features
     assert maps.shape[1:] == (112, 26, 26) and 0.3 < y.mean() < 0.7
-    rest, test = next(StratifiedShuffleSplit(1, test_size=0.3, random_state=0).split(y, y))
+    rest, test = next(StratifiedShuffleSplit(1, test_size=0.25, random_state=0).split(y, y))
     tr, va = next(StratifiedShuffleSplit(1, test_size=0.25, random_state=0).split(y[rest], y[rest]))
     tr, va = rest[tr], rest[va]
     task = Task(2, positive=1)
@@ -71,4 +71,4 @@ def test_spatial_head_beats_the_probe_on_pooled_features(karyogram_features):
     with torch.no_grad():
         spatial_bacc = balanced_accuracy_score(y[test], head(torch.from_numpy(maps[test])).argmax(1).numpy())
     print(f"test balanced accuracy: pooled probe {pooled_bacc:.3f}, spatial head {spatial_bacc:.3f}")
-    assert spatial_bacc >= pooled_bacc + 0.15 and spatial_bacc >= 0.75, (pooled_bacc, spatial_bacc)
+    assert spatial_bacc >= pooled_bacc + 0.1 and spatial_bacc >= 0.8, (pooled_bacc, spatial_bacc)
