@@ -269,7 +269,7 @@ def build_head(name: str, in_dim: int, num_classes: int, **kw) -> nn.Module:
     """Build a head from the registry.
 
     Args:
-        name: one of :data:`HEADS` (``a b c d k``).
+        name: one of :data:`HEADS` (``a b c d k``; ``s`` reads feature maps, see raycyto.models.spatial).
         in_dim: feature width D.
         num_classes: C (2 for binary tasks).
         **kw: head options (``k``: units, dropout1, dropout2; ``b``: svm_cv, svm_c, seed).
