@@ -18,7 +18,7 @@ from raycyto.errors import DataError
 from raycyto.models import build_head
 from raycyto.models.mc import mc_head_predict, mc_predict, summarize
 from raycyto.models.registry import BACKBONES, build_map_extractor
-from raycyto.models.spatial import MILMapHead, MapClassifier, is_spatial, map_grid, mc_map_predict
+from raycyto.models.spatial import MILMapHead, is_spatial, map_grid, mc_map_predict
 from raycyto.models.split import sequence_names
 
 
@@ -98,14 +98,15 @@ def test_channel_dropout_is_what_makes_votes_disagree():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_head_scope_equals_full_scope_for_a_spatial_head(dropout):
+    from raycyto.models import build_classifier
+
     torch.manual_seed(0)
-    extractor = build_map_extractor("efficientnet_lite0", pretrained=False).eval()
-    grid = map_grid(extractor, 64)
-    head = MILMapHead(BACKBONES["efficientnet_lite0"].feature_map.channels, grid, 2,
-                      channel_dropout=0.4, dropout=dropout)
+    grid = map_grid(build_map_extractor("efficientnet_lite0", pretrained=False), 64)
+    model = build_classifier("efficientnet_lite0", "s", 2, pretrained=False, seed=0,  # what a bundle serves
+                             head_kwargs={"grid": grid, "channel_dropout": 0.4, "dropout": dropout}).eval()
+    head = model.head
     with torch.no_grad():
         head.position.normal_(0, 0.5)
-    model = MapClassifier(extractor, head).eval()
     x = torch.randn(3, 3, 64, 64)
     head_scope = mc_predict(model, x, passes=30, scope="head", seed=7)
     full_scope = mc_predict(model, x, passes=30, scope="full", seed=7)

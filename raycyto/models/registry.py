@@ -283,20 +283,21 @@ def build_backbone(name: str, pretrained: bool) -> nn.Module:
 class MapExtractor(nn.Module):
     """``[N, 3, H, W] -> [N, C, h, w]``: a backbone's forward sequence up to its feature-map layer.
 
-    Owns the whole backbone (so ``eval()``, ``to()`` and ``state_dict()`` behave as usual) but
-    runs only the modules up to ``layer``.
+    Owns the whole backbone (so ``eval()``, ``to()`` and ``state_dict()`` behave as usual) and
+    runs its :class:`~raycyto.models.split.SequentialView` up to ``layer``.
     """
 
     def __init__(self, backbone: nn.Module, names: list[str], layer: str) -> None:
+        from raycyto.models.split import SequentialView
+
         super().__init__()
         self.backbone = backbone
         self.layer = layer
         self.names = names[:names.index(layer) + 1]
+        self.view = SequentialView(backbone, self.names, pooled=False)  # owns no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.names:
-            x = self.backbone.get_submodule(name)(x)
-        return x
+        return self.view(x)
 
 
 def build_map_extractor(name: str, pretrained: bool, layer: str | None = None) -> MapExtractor:
