@@ -3,14 +3,23 @@
 Measures, side by side in one run:
   * p50 / p99 latency of POST /predict at T=1 and T=100 passes, and of the same model
     called in-process (LocalPredictor); ratio = Serve overhead. Head-scope requests take the
-    one-hop fast path (ingress -> one Backbone replica that embeds and runs the passes);
+    inline fast path (the Ingress replica embeds and runs the passes: the HTTP proxy's hop is
+    the only one); the same model with ``inline: false`` (Ingress -> Backbone, one hop more)
+    is timed beside it;
   * throughput (requests/s) at client concurrency 1, 8 and 32 (T=100), next to the offline
     batched throughput of the same model (decode + batches of ``max_batch_size`` + T passes
-    each, one process, as many torch threads as the Backbone replica);
+    each, one process, as many torch threads as the serving replica);
   * fan-out: the T passes in 1 chunk vs N chunks over N MC-head replicas, for a head-scope
     model (T=100) and a full-scope model (every pass runs the whole network), and the
     head-scope break-even T above which fanning out would pay;
+  * Serve's own floor on this machine: a bare deployment that reads the same PNG body and
+    answers ``{"n": bytes}`` (no model, no FastAPI, no raycyto code), timed interleaved with the
+    rest; ``(in-process + floor) / in-process`` is the lowest ratio any Serve app could show
+    here;
   * last line: ``serve overhead p50 T=100: X.XX×``.
+
+Serve runs in Ray's high-throughput mode as ``raycyto serve`` runs it
+(``raycyto.serve.app.SERVE_ENV``; ``--plain-serve`` turns it off for comparison).
 
 Example:
     .venv/bin/python benchmarks/serve_latency.py --requests 20 --mc-replicas 2
@@ -26,6 +35,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def _bare_app():
+    """The floor: Serve's HTTP proxy + one replica that reads the body, nothing else."""
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Bare:
+        async def __call__(self, request) -> dict:  # a Starlette Request: no FastAPI at all
+            return {"n": len(await request.body())}
+
+    return Bare.bind()
 
 
 def _free_port() -> int:
@@ -124,7 +145,12 @@ def main() -> None:
     p.add_argument("--full-passes", type=int, default=8, help="T for the full-scope fan-out rows")
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=8, help="Backbone @serve.batch size (and offline batch)")
+    p.add_argument("--plain-serve", action="store_true", help="without Ray Serve's high-throughput mode")
     a = p.parse_args()
+    if not a.plain_serve:
+        from raycyto.serve.app import serve_env
+
+        serve_env()  # before Ray starts: the proxy and replicas inherit it
 
     import cv2
     import httpx
@@ -141,7 +167,7 @@ def main() -> None:
     n = a.requests
 
     # in-process reference (same model, same code path minus HTTP and Ray), with one torch
-    # thread like the Backbone replica here: two OpenMP threads on a loaded 2-core box
+    # thread like the serving replica here: two OpenMP threads on a loaded 2-core box
     # spin-wait and run 20-30x slower, which would flatter Serve.
     torch.set_num_threads(1)
     local = LocalPredictor(bundles["head"], mc_replicas=a.mc_replicas)
@@ -152,28 +178,43 @@ def main() -> None:
     ray.init(num_cpus=a.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
-    small = dict(backbone_num_cpus=0.4, mc_num_cpus=0.2, ingress_num_cpus=0.1, mc_replicas=a.mc_replicas,
+    small = dict(backbone_num_cpus=0.4, mc_num_cpus=0.1, ingress_num_cpus=0.1, mc_replicas=a.mc_replicas,
                  max_queued_requests=256, max_ongoing_requests=64, max_batch_size=a.max_batch_size)
-    for name, path in bundles.items():
-        serve.run(build_app(AppArgs(model_dir=str(path), **small)), name=name, route_prefix=f"/{name}")
+    apps = {**bundles, "hop": bundles["head"]}  # /hop: the head-scope model with inline: false
+    for name, path in apps.items():
+        serve.run(build_app(AppArgs(model_dir=str(path), inline=name != "hop", **small)),
+                  name=name, route_prefix=f"/{name}")
+    serve.run(_bare_app(), name="bare", route_prefix="/bare")
     url = f"http://127.0.0.1:{port}"
     rows: list[tuple[str, str]] = []
     overhead: dict[int, float] = {}
     with httpx.Client(base_url=url, timeout=120) as c:
         _http_latency(c, "/head/predict", image, 3, passes=100)  # warm-up
         _http_latency(c, "/full/predict", image, 2, passes=2)
+        _http_latency(c, "/hop/predict", image, 3, passes=100)
+        _http_latency(c, "/bare/predict", image, 3)
+        floor: list[float] = []
         for t in (1, 100):
-            served, inproc = [], []
-            for _ in range(n):  # interleaved, so both see the same background load
+            served, hop2, inproc = [], [], []
+            for _ in range(n):  # interleaved, so all see the same background load
                 served += _http_latency(c, "/head/predict", image, 1, passes=t)
+                hop2 += _http_latency(c, "/hop/predict", image, 1, passes=t)
+                floor += _http_latency(c, "/bare/predict", image, 1)
                 t0 = time.perf_counter()
                 local.predict_bytes(image, passes=t)
                 inproc.append(time.perf_counter() - t0)
-            (sp50, sp99), (lp50, lp99) = _pct(served), _pct(inproc)
+            (sp50, sp99), (hp50, hp99), (lp50, lp99) = _pct(served), _pct(hop2), _pct(inproc)
             overhead[t] = sp50 / lp50
             rows.append((f"/predict T={t}  serve p50 / p99 (ms)", f"{sp50:8.1f} / {sp99:8.1f}"))
+            rows.append((f"/predict T={t}  inline: false (+1 hop) p50 / p99 (ms)", f"{hp50:8.1f} / {hp99:8.1f}"))
             rows.append((f"in-process T={t} p50 / p99 (ms)", f"{lp50:8.1f} / {lp99:8.1f}"))
+            rows.append((f"Serve overhead T={t} inline: false (p50 ratio)", f"{hp50 / lp50:8.2f}x"))
             rows.append((f"Serve overhead T={t} (p50 ratio)", f"{overhead[t]:8.2f}x"))
+        fp50, fp99 = _pct(floor)
+        rows.append((f"Serve floor: bare replica reading the same {len(image) // 1000} KB body p50 / p99 (ms)",
+                     f"{fp50:8.1f} / {fp99:8.1f}"))
+        rows.append(("lowest ratio Serve allows here at T=100: (in-process + floor) / in-process",
+                     f"{(lp50 + fp50) / lp50:8.2f}x"))
         for conc in (1, 8, 32):
             rps = asyncio.run(_throughput(url, image, conc, max(n, 2 * conc), 100))
             rows.append((f"throughput T=100 concurrency {conc:>2} (req/s)", f"{rps:8.1f}"))
@@ -201,7 +242,8 @@ def main() -> None:
     ray.shutdown()
 
     width = max(len(k) for k, _ in rows)
-    print(f"\nServe latency benchmark ({n} requests/cell, {a.num_cpus} CPUs, efficientnet_lite0 + head d, 224 px)")
+    mode = "plain Serve" if a.plain_serve else "Serve high-throughput mode"
+    print(f"\nServe latency benchmark ({n} requests/cell, {a.num_cpus} CPUs, {mode}, efficientnet_lite0 + head d, 224 px)")
     print("-" * (width + 20))
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -199,6 +199,9 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
             shutil.rmtree(paths[name])
     t0 = time.time()
 
+    from raycyto.serve.app import serve_env
+
+    serve_env()  # step 5's endpoint runs on the Ray started here
     ensure_ray()  # the synthetic images are drawn on Ray workers too
     console.rule(f"1/5 synthetic {syn.task} images")
     extra = {"abnormal_fraction": syn.abnormal_fraction} if syn.abnormal_fraction is not None else {}

@@ -11,6 +11,8 @@ import pytest
 # Tests never download anything; make hub-style loaders fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve runs as `raycyto serve` runs it (Ray's high-throughput mode, raycyto.serve.app.SERVE_ENV)
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
 def free_port() -> int:

@@ -112,6 +112,19 @@ def test_predict_answers_png_jpeg_and_tiff_with_the_documented_json(endpoint):
     assert answers[2].json()["threshold"] == 0.9
 
 
+def test_inline_app_has_no_backbone_hop_and_the_ingress_runs_the_passes(endpoint):
+    from ray import serve
+
+    deployments = serve.status().applications[APP_NAME].deployments
+    assert set(deployments) == {"Ingress", "MCHead"}  # inline (default): no Backbone deployment
+    with endpoint.client() as c:
+        one, fanned = (c.post("/predict", content=endpoint.images["png"], params={"fan_out": k},
+                              headers={"content-type": "image/png"}) for k in (1, 2))
+    assert one.status_code == fanned.status_code == 200, (one.text, fanned.text)
+    (replica,) = one.json()["replicas"]["ids"]  # the replica the HTTP proxy delivered it to
+    assert replica not in fanned.json()["replicas"]["ids"]  # ... not an MC-head replica
+
+
 def test_endpoint_gives_the_same_confidence_as_offline_predict_for_the_same_seed(endpoint, tmp_path):
     from typer.testing import CliRunner
 
@@ -473,6 +486,10 @@ def test_gpu_cluster_yaml_shape_deploys_on_cpu_and_autoscales_under_load(model_d
     with _serve_run(doc, model_dir, tmp_path) as url:
         assert httpx.post(f"{url}/predict", content=_png(0), headers={"content-type": "image/png"},
                           timeout=60).status_code == 401  # auth stays on
+        one = httpx.post(f"{url}/predict", params={"passes": 8, "fan_out": 1}, content=_png(0), timeout=60,
+                         headers={"content-type": "image/png", "Authorization": f"Bearer {TOKEN}"})
+        assert one.status_code == 200, one.text  # inline: false: the ingress holds no model, a Backbone
+        assert one.json()["replicas"]["chunks"] == 1  # replica embedded it and ran the passes
 
         def burst(i: int) -> set[str]:
             seen: set[str] = set()

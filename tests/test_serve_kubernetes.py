@@ -114,3 +114,14 @@ def test_rayjob_runs_the_blood_smear_study_sweep():
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+def test_every_rayservice_container_runs_serve_in_its_high_throughput_mode():
+    from raycyto.serve.app import SERVE_ENV
+
+    spec = _manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]

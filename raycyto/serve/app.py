@@ -3,15 +3,18 @@
 Graph (``import_path: raycyto.serve.app:build_app`` in the Serve YAML)::
 
     Ingress (FastAPI: validation, auth, OIP v2, metrics, audit)
-      -> Backbone (multiplexed by model; preprocess + backbone with @serve.batch; GPUs if given)
-           one hop: the same replica runs the T passes of the request (the fast path)
+      inline (default): the same replica preprocesses, embeds (@serve.batch) and runs the T
+           passes: the HTTP proxy's one hop is the only one (the fast path)
+      -> Backbone (``inline: false``; multiplexed by model; preprocess + backbone with
+           @serve.batch, GPUs if given; runs the T passes too: one hop more)
       -> MCHead x R (only when a request's passes are split into chunks: full scope, an
                      explicit fan_out, or head scope past ``head_fan_out_passes``)
 
-Models: ``models`` (or the single ``model_dir``) lists bundles. On the Backbone each is a
-Serve multiplexed model id (its location): replicas load the bundles they are asked for
-(LRU beyond ``max_models_per_replica``) and requests go to replicas that hold them. MC
-replicas load a bundle when a chunk first names it. Names and versions come from the bundles.
+Models: ``models`` (or the single ``model_dir``) lists bundles. Inline, every Ingress
+replica loads them all at start. On the Backbone each is a Serve multiplexed model id (its
+location): replicas load the bundles they are asked for (LRU beyond
+``max_models_per_replica``) and requests go to replicas that hold them. MC replicas load a
+bundle when a chunk first names it. Names and versions come from the bundles.
 
 Chunk i of a request is seeded by :func:`raycyto.serve.predict.chunk_plan`, so a response
 is deterministic given its seed, whichever replicas served it (and equal to
@@ -40,6 +43,18 @@ from raycyto.serve.predict import DEFAULT_MC_REPLICAS, LoadedModel, build_result
 
 log = logging.getLogger(__name__)
 MODEL_DIR_ENV = "RAYCYTO_MODEL_DIR"
+# Ray Serve's documented high-throughput mode (Ray >= 2.56): user code on the replica's main
+# event loop, the router in the same loop, gRPC between proxy and replicas. It must be in the
+# environment of the processes that start Ray (raylet -> proxy, replicas): `raycyto serve` and
+# `raycyto run` set it; `serve run` / KubeRay take it from the shell / the pod spec.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def serve_env() -> None:
+    """Put :data:`SERVE_ENV` into this process's environment (values already set win); call
+    it before ``ray.init`` starts a local Ray."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 class ModelSource(BaseModel):
@@ -77,7 +92,10 @@ class AppArgs(BaseModel):
     max_infer_batch: int = Field(16, ge=1, description="most images per OIP infer request")
     auth_token_env: Optional[str] = Field(None, description="env var holding the bearer token")
     auth_token_file: Optional[str] = Field(None, description="file holding the bearer token")
-    backbone_replicas: int = Field(1, ge=1)
+    inline: bool = Field(True, description="the Ingress replicas hold the models and run one-chunk requests "
+                                           "themselves (no actor hop; they take backbone_num_cpus/gpus); false: a "
+                                           "separate Backbone deployment, e.g. GPU backbones behind CPU ingresses")
+    backbone_replicas: int = Field(1, ge=1, description="Backbone replicas (inline: false)")
     backbone_num_cpus: float = Field(1.0, ge=0)
     backbone_num_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size of the backbone")
@@ -150,64 +168,112 @@ class _ModelReplica:
             raise RuntimeError("no model configured")
 
 
+def describe_model(m: LoadedModel) -> dict[str, Any]:
+    """Facts the ingress needs about a loaded bundle (name, sha256, classes, defaults, scope)."""
+    return {"info": m.info, "class_names": m.class_names, "scope": m.scope,
+            "passes": m.default_passes, "threshold": m.default_threshold,
+            "seed": int(getattr(m, "default_seed", 0)),
+            "input_size": int(m.meta.get("input_size") or m.model.spec.input_size),
+            "referral": m.meta.get("referral"), "ood_threshold": m.ood_threshold}
+
+
+class Engine:
+    """Embeds with dynamic batching and runs a request's passes, in the process that holds it.
+
+    One ``@serve.batch`` queue per model: a batch preprocesses and embeds its images in one
+    backbone forward, scores the OOD guard, then runs each request's chunk plan, all in one
+    worker thread (one thread hand-off per batch, not per request). Used by the Ingress itself
+    (``inline``: no actor hop) and by the Backbone deployment (``inline: false``).
+
+    Args:
+        load: coroutine function, bundle key -> :class:`LoadedModel`.
+        locked: coroutine function running ``fn(*args)`` in a thread, one computation at a time.
+        max_batch_size, batch_wait_timeout_s: the ``@serve.batch`` settings.
+        metrics: :class:`~raycyto.serve.metrics.BatchMetrics` or None.
+    """
+
+    def __init__(self, load: Any, locked: Any, max_batch_size: int, batch_wait_timeout_s: float,
+                 metrics: Any = None) -> None:
+        self.load, self._locked = load, locked
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self.metrics = metrics
+        self._queues: dict[str, Any] = {}
+
+    def _queue(self, key: str) -> Any:
+        if key not in self._queues:
+            @serve.batch(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
+            async def run(images: list[np.ndarray], plans: list[Optional[list[Any]]]) -> list[dict[str, Any]]:
+                m = await self.load(key)
+                if self.metrics is not None:
+                    self.metrics.batch(m.name, len(images))
+                return await self._locked(_embed_and_pass, m, images, plans)
+
+            self._queues[key] = run
+        return self._queues[key]
+
+    async def embed(self, key: str, image: np.ndarray) -> dict[str, Any]:
+        """uint8 ``[H, W, 3]`` image -> ``{"x": features [D] (head scope) or pixels [3, S, S]
+        (full scope), "ood": the guard's score of the pooled features (None without a guard)}``."""
+        return await self._queue(key)(image, None)
+
+    async def predict(self, key: str, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
+        """Embed (batched with concurrent requests), then run the chunks of ``plan``
+        (``chunk_plan``'s) here: ``{"probs": [T, C] in chunk order, "ood": score}``."""
+        return await self._queue(key)(image, plan)
+
+
+def _embed_and_pass(m: LoadedModel, images: list[np.ndarray],
+                    plans: list[Optional[list[Any]]]) -> list[dict[str, Any]]:
+    """One batch: embed every image, then each image's passes (plan None: the embedding)."""
+    out = []
+    for (x, ood), plan in zip(m.embed_scored(images), plans):
+        if plan is None:
+            out.append({"x": x, "ood": ood})
+        else:
+            out.append({"probs": np.concatenate([m.run_chunk(x, c) for c in plan]), "ood": ood})
+    return out
+
+
 @serve.deployment(name="Backbone", max_ongoing_requests=32, health_check_period_s=10)
 class Backbone(_ModelReplica):
-    """Preprocess + backbone with dynamic batching; runs a request's passes itself (one hop)."""
+    """The models behind CPU ingress replicas (``inline: false``, e.g. GPU backbones):
+    preprocess + backbone with dynamic batching, and a request's passes (one hop)."""
 
     def __init__(self, model_dirs: list[str], max_batch_size: int, batch_wait_timeout_s: float,
                  max_models: Optional[int] = None, metrics: bool = True) -> None:
         self._setup_models(model_dirs)
         # Serve multiplexing: the model id of a request is its bundle location; requests go to
-        # replicas that hold their model, and @serve.batch splits batches by model id.
+        # replicas that hold their model.
         async def load_one(key: str) -> LoadedModel:  # a function: Serve keeps its LRU cache on it
             self._check(key)
             return await asyncio.to_thread(LoadedModel, key, worker_device())
 
-        self.get_model = serve.multiplexed(max_num_models_per_replica=max_models or len(model_dirs))(load_one)
-        self.embed.set_max_batch_size(max_batch_size)
-        self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        get_model = serve.multiplexed(max_num_models_per_replica=max_models or len(model_dirs))(load_one)
         from raycyto.serve.metrics import BatchMetrics
 
-        self.metrics = BatchMetrics() if metrics else None
+        self.engine = Engine(get_model, self._locked, max_batch_size, batch_wait_timeout_s,
+                             BatchMetrics() if metrics else None)
 
-    async def _model(self) -> LoadedModel:
-        return await self.get_model(serve.get_multiplexed_model_id())
+    @staticmethod
+    def _key() -> str:
+        return serve.get_multiplexed_model_id()
 
     async def ready(self) -> bool:
         """Loads the request's model if needed; True once it is there."""
-        await self._model()
+        await self.engine.load(self._key())
         return True
 
     async def describe(self) -> dict[str, Any]:
-        """Facts the ingress needs about the request's model (name, sha256, classes, defaults, scope)."""
-        m = await self._model()
-        return {"info": m.info, "class_names": m.class_names, "scope": m.scope,
-                "passes": m.default_passes, "threshold": m.default_threshold,
-                "seed": int(getattr(m, "default_seed", 0)),
-                "input_size": int(m.meta.get("input_size") or m.model.spec.input_size),
-                "referral": m.meta.get("referral"), "ood_threshold": m.ood_threshold}
+        """:func:`describe_model` of the request's model."""
+        return describe_model(await self.engine.load(self._key()))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def embed(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Batch of uint8 ``[H, W, 3]`` images (one model: Serve splits batches by model id)
-        -> ``{"x": features [D] (head scope) or pixels [3, S, S] (full scope), "ood": the
-        out-of-distribution score of the pooled features (None without a guard)}`` each."""
-        m = await self._model()
-        if self.metrics is not None:
-            self.metrics.batch(m.name, len(images))
-        return [{"x": x, "ood": ood} for x, ood in await self._locked(m.embed_scored, images)]
+    async def embed(self, image: np.ndarray) -> dict[str, Any]:
+        """:meth:`Engine.embed` for the request's model."""
+        return await self.engine.embed(self._key(), image)
 
     async def predict(self, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
-        """The fast path: embed (batched with concurrent requests) and score the guard, then run
-        the chunks of ``plan`` (``chunk_plan``'s) here; returns probs ``[T, C]``, the OOD score
-        and this replica's id."""
-        e = await self.embed(image)
-        m = await self._model()
-
-        def passes() -> np.ndarray:
-            return np.concatenate([m.run_chunk(e["x"], c) for c in plan])  # [T, C], chunk order
-
-        return {"probs": await self._locked(passes), "ood": e["ood"], "replica": self.replica_id}
+        """:meth:`Engine.predict` for the request's model, plus this replica's id."""
+        return {**await self.engine.predict(self._key(), image, plan), "replica": self.replica_id}
 
 
 @serve.deployment(name="MCHead", num_replicas=DEFAULT_MC_REPLICAS, max_ongoing_requests=8,
@@ -255,18 +321,28 @@ def read_token(env: Optional[str], file: Optional[str]) -> Optional[str]:
 @serve.deployment(name="Ingress", max_ongoing_requests=16, max_queued_requests=64,
                   health_check_period_s=10)
 @serve.ingress()
-class Ingress:
-    """FastAPI ingress: validates input, routes to the model, fans passes out only where it pays."""
+class Ingress(_ModelReplica):
+    """FastAPI ingress: validates input, runs the model here (``inline``) or routes to the
+    Backbone, fans passes out only where it pays."""
 
-    async def __init__(self, backbone: DeploymentHandle, mc: DeploymentHandle, args: dict) -> None:
-        self.args = AppArgs.model_validate(args)
+    async def __init__(self, backbone: Optional[DeploymentHandle], mc: DeploymentHandle, args: dict) -> None:
+        self.args = a = AppArgs.model_validate(args)
         self.backbone = backbone
         self.mc = mc
         # Secrets are read here, in the replica, so they never travel in the app config.
-        self.token = read_token(self.args.auth_token_env, self.args.auth_token_file)
-        sources = self.args.sources()
-        described = await asyncio.gather(*[self._call(self._on(backbone, s.model_dir).describe)
-                                           for s in sources])
+        self.token = read_token(a.auth_token_env, a.auth_token_file)
+        sources = a.sources()
+        self.engine: Optional[Engine] = None
+        if backbone is None:  # inline: this replica holds every listed bundle
+            from raycyto.serve.metrics import BatchMetrics
+
+            self._setup_models([s.model_dir for s in sources])
+            self.engine = Engine(self.load, self._locked, a.max_batch_size, a.batch_wait_timeout_s,
+                                 BatchMetrics() if a.metrics else None)
+            described = [describe_model(await self.load(s.model_dir)) for s in sources]
+        else:
+            described = await asyncio.gather(*[self._call(self._on(backbone, s.model_dir).describe)
+                                               for s in sources])
         self.index = ModelIndex([self._served(s, d) for s, d in zip(sources, described)])
         self.metrics = None
         if self.args.metrics:
@@ -329,15 +405,19 @@ class Ingress:
 
     async def predict(self, model: ServedModel, image: np.ndarray, passes: int, threshold: float, seed: int,
                       fan_out: Optional[int] = None) -> dict[str, Any]:
-        """One chunk: one hop to a Backbone replica that embeds and runs the passes. Several:
-        embed there, run the chunks concurrently on MC replicas, concatenate in chunk order."""
+        """One chunk: embed and run the passes here (inline) or on one Backbone replica (one
+        hop). Several: embed, run the chunks concurrently on MC replicas, concatenate in
+        chunk order."""
         plan = chunk_plan(passes, self.chunks(model, passes, fan_out), seed)
-        backbone = self._on(self.backbone, model.key)
         if len(plan) == 1:
-            out = await self._call(backbone.predict, image, plan)
+            if self.engine is not None:
+                out = {**await self.engine.predict(model.key, image, plan), "replica": self.replica_id}
+            else:
+                out = await self._call(self._on(self.backbone, model.key).predict, image, plan)
             probs, ood, ids = out["probs"], out["ood"], [out["replica"]]
-        else:
-            e = await self._call(backbone.embed, image)  # the guard runs where the features are computed
+        else:  # the guard runs where the features are computed
+            e = await (self.engine.embed(model.key, image) if self.engine is not None
+                       else self._call(self._on(self.backbone, model.key).embed, image))
             outs = await asyncio.gather(*[self._call(self.mc.run, model.key, e["x"], c) for c in plan])
             probs = np.concatenate([o["probs"] for o in outs])  # [T, C], chunk order
             ood, ids = e["ood"], sorted({o["replica"] for o in outs})
@@ -347,7 +427,7 @@ class Ingress:
 
     async def ready(self, model: Optional[ServedModel] = None) -> bool:
         """Every listed model (or ``model``) loadable on a Backbone replica, and an MC replica up."""
-        models = [model] if model is not None else self.index.models
+        models = [] if self.engine is not None else [model] if model is not None else self.index.models
         calls = [self._on(self.backbone, m.key).ready.remote() for m in models] + [self.mc.ping.remote()]
         try:
             await asyncio.wait_for(asyncio.gather(*calls), 5.0)
@@ -356,7 +436,7 @@ class Ingress:
             return False
 
     def check_health(self) -> None:
-        if self.backbone is None or self.mc is None:
+        if self.mc is None or (self.backbone is None and self.engine is None):
             raise RuntimeError("deployment handles missing")
 
 
@@ -432,13 +512,19 @@ def build_app(args: AppArgs) -> Application:
         args = args.model_copy(update={"model_dir": resolve_model_dir(args.model_dir)})
     dirs = [s.model_dir for s in args.sources()]
     check_referral(dirs, args.refer_rule)
-    backbone = Backbone.options(
-        num_replicas=args.backbone_replicas,
-        max_ongoing_requests=max(32, 2 * args.max_batch_size),
-        ray_actor_options={"num_cpus": args.backbone_num_cpus, "num_gpus": args.backbone_num_gpus},
-    ).bind(dirs, args.max_batch_size, args.batch_wait_timeout_s, args.max_models_per_replica, args.metrics)
+    backbone_resources = {"num_cpus": args.backbone_num_cpus, "num_gpus": args.backbone_num_gpus}
+    if args.inline:  # the ingress replicas hold the models: they get the backbone's resources
+        backbone = None
+        ingress_resources = {"num_cpus": max(args.ingress_num_cpus, args.backbone_num_cpus),
+                             "num_gpus": args.backbone_num_gpus}
+    else:
+        backbone = Backbone.options(
+            num_replicas=args.backbone_replicas, max_ongoing_requests=max(32, 2 * args.max_batch_size),
+            ray_actor_options=backbone_resources,
+        ).bind(dirs, args.max_batch_size, args.batch_wait_timeout_s, args.max_models_per_replica, args.metrics)
+        ingress_resources = {"num_cpus": args.ingress_num_cpus}
     mc = MCHead.options(num_replicas=args.mc_replicas, ray_actor_options={"num_cpus": args.mc_num_cpus}).bind(dirs)
     return Ingress.options(
         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+        ray_actor_options=ingress_resources,
     ).bind(backbone, mc, args.model_dump())

@@ -118,6 +118,9 @@ def serve(
     for name in ("ray", "ray.serve"):  # the driver's "Started Serve ...", "Application ... is ready" lines
         logging.getLogger(name).setLevel(level)
     if not ray.is_initialized():
+        from raycyto.serve.app import serve_env
+
+        serve_env()
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
                  _metrics_export_port=metrics_port)
     quiet = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
