@@ -244,7 +244,7 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
                        ("report", html), ("model", paths["model"])):
         console.print(f"{name:>10}: {path}")
     exe, rel = raycyto_command(), _relative(out)
-    console.print(f"{'serve it':>10}: {exe} serve {rel}/model   (or: .venv/bin/serve run serve_configs/local.yaml)")
+    console.print(f"{'serve it':>10}: {exe} serve {rel}/model   (or: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 .venv/bin/serve run serve_configs/local.yaml)")
     console.print(f"{'predict':>10}: {exe} predict {rel} IMAGE.png")
     console.print(f"{'report':>10}: {exe} report {rel} --select 'recall@specificity>=0.8'")
     return RunOutputs(paths["data"], paths["experiment"], Path(html), paths["model"], answers)

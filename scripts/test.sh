@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # The test command: set up .venv (with test extras) and run the whole test suite.
+# Two phases: every test but the `serial` ones on 2 xdist workers (each worker has its own
+# local Ray; the suite waits on Ray, Tune and Serve start-ups far more than it computes),
+# then the `serial` tests alone (they start a `ray start --head` cluster, which a plain
+# ray.init() in another worker would join). Arguments go to both phases.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/env.sh test
 export PYTHONHASHSEED=0
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+ok() { [ "$1" -eq 0 ] || [ "$1" -eq 5 ]; }  # 5: no test of this phase was selected
+rc1=0; .venv/bin/python -m pytest -q --durations=15 -n 2 -m "not serial" "$@" || rc1=$?
+rc2=0; .venv/bin/python -m pytest -q --durations=5 -m serial "$@" || rc2=$?
+ok "$rc1" && ok "$rc2" && ! { [ "$rc1" -eq 5 ] && [ "$rc2" -eq 5 ]; }

@@ -18,6 +18,7 @@ from raycyto.analysis.load import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.serial  # its `ray start --head` cluster would be joined by other tests' ray.init()
 
 
 
