@@ -112,3 +112,16 @@ def tiny_experiment(ray_local, karyo_dir, tmp_path_factory) -> Path:
         return run_sweep(cfg, out=root / "exp", progress=False)
     finally:
         os.environ.pop("RAYCYTO_FAIL_ONCE", None)
+
+
+@pytest.fixture(scope="session")
+def serve_bundle(tmp_path_factory) -> Path:
+    """A Lite0 + head d karyogram bundle (ImageNet weights, untrained head; 20 MC passes)."""
+    from raycyto.models.bundle import save_bundle
+    from raycyto.models.classifier import build_classifier
+
+    model = build_classifier("efficientnet_lite0", head="d", num_classes=2, pretrained=True)
+    out = tmp_path_factory.mktemp("serve_model")
+    save_bundle(out, model, {"class_names": ["normal", "abnormal"], "positive_class": "abnormal",
+                             "name": "demo", "mc": {"passes": 20, "threshold": 0.8}})
+    return out
