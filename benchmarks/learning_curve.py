@@ -40,6 +40,7 @@ def main() -> None:
     a = p.parse_args()
 
     import ray
+    import torch
     from sklearn.metrics import balanced_accuracy_score
 
     from raycyto.config import load_config
@@ -66,22 +67,19 @@ def main() -> None:
     if ctx.positive is not None:
         kw["reference"] = 1 - int(ctx.positive)
 
-    def rows_of(fs, paths):  # feature rows of these images (copy 0 for evaluation)
-        return fs.rows(paths, copies=False)
-
     paths = ctx.table.df["path"].astype(str).to_numpy()
+    groups = ctx.table.df["group"].astype(str).to_numpy()
     results = []
     for fold in [int(f) for f in a.folds.split(",")]:
         split = ctx.splits[fold]
+        n_all = len(np.unique(groups[split.train]))
         for frac in sorted(float(f) for f in a.fractions.split(",")):
-            n_all = len(np.unique(ctx.table.df["group"].astype(str).to_numpy()[split.train]))
             n = max(2, int(round(frac * n_all)))
-            groups = ctx.table.df["group"].astype(str).to_numpy()
             train_idx = _subset(groups, np.asarray(split.train), n, seed=1000 + fold)
             row = {"fold": fold, "patients": n}
             for name, fs in (("s", maps), ("probe", pooled)):
-                tr = fs.rows(paths[train_idx], copies=True)
-                va, te = rows_of(fs, paths[split.val]), rows_of(fs, paths[split.test])
+                tr = fs.rows(paths[train_idx], copies=True)  # every copy for training, copy 0 to evaluate
+                va, te = fs.rows(paths[split.val], copies=False), fs.rows(paths[split.test], copies=False)
                 data = HeadData(fs.features[tr], fs.label[tr], fs.eval_features(va), fs.label[va],
                                 groups_train=fs.group[tr])
                 t1 = time.time()
@@ -90,8 +88,6 @@ def main() -> None:
                                        seed=mc_seed(cfg, fold), head_kwargs=kw).model
                 else:
                     model = fit_probe(data, ctx.task, cfg.train, seed=mc_seed(cfg, fold))[0]
-                import torch
-
                 with torch.no_grad():
                     pred = model(torch.from_numpy(fs.eval_features(te))).argmax(1).numpy()
                 y = fs.label[te]

@@ -22,6 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def encode_image(image, ext: str) -> bytes:
+    """An RGB uint8 array ``[H, W, 3]`` encoded as ``ext`` (".png", ".jpg", ".tif", ".bmp")."""
+    import cv2
+
+    ok, buf = cv2.imencode(ext, image[:, :, ::-1])
+    assert ok, ext
+    return buf.tobytes()
+
+
 def tiny_sweep_config(source: str | Path, name: str, size: int = 64, samples: int = 1, **sections) -> dict:
     """The smallest real sweep config: frozen efficientnet_lite0 + head a, 2 folds, 1 epoch,
     random search with batch 8, one trial at a time, 5 MC passes; ``sections`` replace whole

@@ -12,7 +12,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import free_port  # noqa: E402
+from conftest import encode_image, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -21,14 +21,6 @@ TOKEN = "s3cret-token-for-tests"
 @pytest.fixture(scope="module")
 def model_dir(serve_bundle) -> Path:
     return serve_bundle
-
-
-def _encode(image: np.ndarray, ext: str) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(ext, image[:, :, ::-1])
-    assert ok
-    return buf.tobytes()
 
 
 # ------------------------------------------------------------------------ the shipped YAMLs, by the Serve CLI
@@ -76,7 +68,7 @@ def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
 
 
 def _png(seed: int) -> bytes:
-    return _encode((np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8), ".png")
+    return encode_image((np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8), ".png")
 
 
 def test_serve_run_on_the_shipped_local_yaml_answers_predict(model_dir, tmp_path):

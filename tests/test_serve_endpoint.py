@@ -15,21 +15,13 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import free_port  # noqa: E402
+from conftest import encode_image, free_port  # noqa: E402
 from raycyto.data.fixtures import bomb_png  # noqa: E402  (after the httpx skip)
 
 APP_NAME = "raycyto-test"
 TOKEN = "s3cret-token-for-tests"
 MAX_BODY = 2 * 1024 * 1024
 
-
-
-def _encode(image: np.ndarray, ext: str) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(ext, image[:, :, ::-1])
-    assert ok
-    return buf.tobytes()
 
 
 @dataclass
@@ -64,8 +56,8 @@ def endpoint(ray_local, model_dir, tmp_path_factory):
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     rng = np.random.default_rng(0)
     image = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
-    images = {"png": _encode(image, ".png"), "jpeg": _encode(image, ".jpg"),
-              "tiff": _encode(image, ".tif"), "bmp": _encode(image, ".bmp")}
+    images = {"png": encode_image(image, ".png"), "jpeg": encode_image(image, ".jpg"),
+              "tiff": encode_image(image, ".tif"), "bmp": encode_image(image, ".bmp")}
     yield Endpoint(f"http://127.0.0.1:{port}", model_dir, images)
     serve.shutdown()
 

@@ -22,20 +22,12 @@ import yaml
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import free_port  # noqa: E402
+from conftest import encode_image, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "oip-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 KARYO, SMEAR = "karyogram-demo", "leukemia-demo"
-
-
-def _encode(image: np.ndarray, ext: str) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(ext, image[:, :, ::-1])
-    assert ok
-    return buf.tobytes()
 
 
 @dataclass
@@ -85,8 +77,8 @@ def served(ray_local, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs.model_validate(args)), name="raycyto-oip", route_prefix="/")
     image = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
-    yield Served(f"http://127.0.0.1:{port}", port, bundles, root / "audit", _encode(image, ".png"),
-                 _encode(image, ".jpg"))
+    yield Served(f"http://127.0.0.1:{port}", port, bundles, root / "audit", encode_image(image, ".png"),
+                 encode_image(image, ".jpg"))
     serve.shutdown()  # the next module starts Serve on its own port
 
 

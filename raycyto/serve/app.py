@@ -426,7 +426,8 @@ class Ingress(_ModelReplica):
                             model.policy, ood, model.ood_threshold)
 
     async def ready(self, model: Optional[ServedModel] = None) -> bool:
-        """Every listed model (or ``model``) loadable on a Backbone replica, and an MC replica up."""
+        """An MC replica up, and (``inline: false``) every listed model (or ``model``) loadable on
+        a Backbone replica; inline replicas loaded theirs before they took requests."""
         models = [] if self.engine is not None else [model] if model is not None else self.index.models
         calls = [self._on(self.backbone, m.key).ready.remote() for m in models] + [self.mc.ping.remote()]
         try:
