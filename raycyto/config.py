@@ -28,6 +28,7 @@ METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auc")
 #: Fine-tuning modes (mirrors ``raycyto.models.FINETUNE_MODES``; checked against it when present).
 FINETUNE_MODES = ("frozen", "last1", "last2", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
 #: ``search.algorithm`` names; ``raycyto.tune.search.SEARCHERS`` implements exactly these.
 SEARCH_ALGORITHMS = ("optuna", "hyperopt", "bayesopt", "random")
 LOSSES = ("cross_entropy",)
@@ -203,6 +204,7 @@ class TrainConfig:
 
     epochs: int = 10
     optimizer: str = "adam"
+    schedule: str = "constant"      # "cosine": the learning rate falls to 0 over `epochs` (per epoch)
     loss: str = "cross_entropy"
     select_metric: str = "val_accuracy"
     weight_decay: float = 0.0
@@ -215,6 +217,7 @@ class TrainConfig:
         _positive(self, prefix, "epochs")
         _choice(prefix, "precision", self.precision, PRECISIONS)
         _choice(prefix, "optimizer", self.optimizer, OPTIMIZERS)
+        _choice(prefix, "schedule", self.schedule, SCHEDULES)
         _choice(prefix, "loss", self.loss, LOSSES)
         _check_metric(f"{prefix}.select_metric", self.select_metric)
         if self.weight_decay < 0:

@@ -46,6 +46,7 @@ def test_study_configs_match_the_studies():
     ({"search": {"batch_size": []}}, "search.batch_size"),
     ({"train": {"select_metric": "accuracy"}}, "train.select_metric"),
     ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
+    ({"train": {"schedule": "step"}}, "train.schedule"),
     ({"train": {"epochs": "ten"}}, "train.epochs"),
     ({"cv": {"folds": 1}}, "cv.folds"),
     ({"grid": {"finetune": ["half"]}}, "grid.finetune"),

@@ -98,6 +98,16 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     assert res.best["val_loss"] == pytest.approx(res.history["val_loss"].min())
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_gives_each_epoch_its_learning_rate(schedule):
+    x, y = _blobs()
+    res = train_head("a", HeadData(x[:40], y[:40], x[40:], y[40:]), task=Task(2, positive=1),
+                     train=TrainConfig(epochs=6, schedule=schedule), hp=HParams(lr=1e-2, batch_size=8), seed=0)
+    e = np.arange(6)
+    want = 1e-2 * (1 + np.cos(np.pi * e / 6)) / 2 if schedule == "cosine" else np.full(6, 1e-2)
+    np.testing.assert_allclose(res.history["lr"].to_numpy(), want, rtol=1e-6)
+
+
 def test_search_algorithms_beside_the_config_are_exactly_the_registry():
     assert set(SEARCH_ALGORITHMS) == set(SEARCHERS)
 

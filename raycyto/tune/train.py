@@ -134,7 +134,7 @@ class FitResult:
     """Outcome of :func:`fit`: the model holds the best epoch's weights."""
 
     model: Any
-    history: pd.DataFrame           # one row per epoch: epoch, train_<m>, val_<m>
+    history: pd.DataFrame           # one row per epoch: epoch, lr, train_<m>, val_<m>
     best_epoch: int                 # 1-based
     best: dict[str, float] = field(default_factory=dict)  # val_<m> of the best epoch
 
@@ -151,7 +151,8 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
         train_batches: epoch -> iterable of (x, y) training batches (shuffled per epoch).
         val_batches: () -> iterable of (x, y) validation batches.
         task: classes and positive class (binary metrics).
-        train: epochs, optimizer, weight_decay, label_smoothing, select_metric, patience, precision.
+        train: epochs, optimizer, schedule, weight_decay, label_smoothing, select_metric, patience,
+            precision.
         hp: learning rate (the batch size is already in the batches).
         class_weight: optional [C] weights for the loss.
         forward: optional ``(model, x) -> logits`` (default ``model(x)``).
@@ -170,13 +171,15 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = OPTIMIZERS[train.optimizer](params, hp.lr, train.weight_decay)
+    # cosine: lr * (1 + cos(pi * e / epochs)) / 2 in epoch e + 1, stepped once per epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, train.epochs) if train.schedule == "cosine" else None
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     select, mode = train.select_metric, metric_mode(train.select_metric)
     rows, best_value, best_loss, best_epoch, best_state, since_best = [], math.nan, math.inf, 0, None, 0
     for epoch in range(1, train.epochs + 1):
         model.train()
-        ys, ps = [], []
+        ys, ps, lr = [], [], opt.param_groups[0]["lr"]
         for x, y in train_batches(epoch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
@@ -187,10 +190,12 @@ def fit(model: "nn.Module", train_batches: Batches, val_batches: Callable[[], It
             opt.step()
             ys.append(y.cpu().numpy())
             ps.append(torch.softmax(logits.detach(), 1).cpu().numpy())
+        if sched is not None:
+            sched.step()
         train_m = classification_metrics(np.concatenate(ys), np.concatenate(ps), task.positive)
         val_probs, val_labels = predict_probs(model, val_batches(), forward, device, train.precision)
         val = classification_metrics(val_labels, val_probs, task.positive)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_m.items()},
+        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_m.items()},
                **{f"val_{k}": v for k, v in val.items()}}
         rows.append(row)
         tie = row[select] == best_value and row["val_loss"] < best_loss  # e.g. equal accuracy: lower loss
