@@ -15,6 +15,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest test files first. scripts/test.sh runs the parallel phase with ``--dist loadfile
+    --no-loadscope-reorder``: xdist hands whole files to its two workers in this order, so the
+    long files start at once and the short ones fill in at the end (longest-processing-time
+    first) instead of one worker idling while the other runs a late 4-minute file.
+    ``tests/durations.json`` holds each file's measured seconds (setup + calls, one run of
+    the suite on the 2-core machine); files missing there count as short. Tests keep their
+    order within a file."""
+    import json
+
+    seconds = json.loads((Path(__file__).parent / "durations.json").read_text())["seconds"]
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0].rsplit("/", 1)[-1], 0.0))
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (for endpoints and Ray job servers in tests)."""
     with socket.socket() as s:
