@@ -1,7 +1,7 @@
 """Refresh tests/durations.json from the JUnit reports of the last `bash scripts/test.sh`.
 
-scripts/test.sh writes test-results/parallel.xml and test-results/serial.xml; this sums each
-test file's seconds (setup + call + teardown of its tests, as the parallel phase measured them)
+scripts/test.sh writes test-results/parallel.xml; this sums each test file's seconds
+(setup + call + teardown of its tests, as measured beside the other xdist worker)
 and writes them to tests/durations.json, which conftest.py uses to hand the longest files to
 the xdist workers first. Run it after a full suite on the CI machine:
 

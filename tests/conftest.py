@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest test files first. scripts/test.sh runs the parallel phase with ``--dist loadfile
+    """Longest test files first. scripts/test.sh runs the suite with ``--dist loadfile
     --no-loadscope-reorder``: xdist hands whole files to its two workers in this order, so the
     long files start at once and the short ones fill in at the end (longest-processing-time
     first) instead of one worker idling while the other runs a late 4-minute file.

@@ -18,7 +18,6 @@ from raycyto.analysis.load import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-pytestmark = pytest.mark.serial  # its `ray start --head` cluster would be joined by other tests' ray.init()
 
 
 
@@ -53,7 +52,10 @@ def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(tiny_sweep_config(karyo_dir, "job")))
     out = tmp_path / "exp"
-    temp_dir = tempfile.mkdtemp(prefix="rcj", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # short: Ray's socket paths are length-limited. `ray start --temp-dir` writes its address to
+    # <temp_dir>/ray_current_cluster, not /tmp/ray/, so a plain ray.init() in the other xdist
+    # worker starts its own Ray instead of joining this cluster: the test runs in parallel.
+    temp_dir = tempfile.mkdtemp(prefix="rcj", dir="/tmp")
     gcs, dash = free_port(), free_port()
     # every fixed default port gets a free one: other Rays on this machine hold the defaults
     ports = [f"--{name}={free_port()}" for name in (
