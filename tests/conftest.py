@@ -36,6 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports (all held open while chosen: ``free_port()`` called n times
+    may hand out the same port twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def encode_image(image, ext: str) -> bytes:
     """An RGB uint8 array ``[H, W, 3]`` encoded as ``ext`` (".png", ".jpg", ".tif", ".bmp")."""
     import cv2

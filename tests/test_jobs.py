@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, tiny_sweep_config
+from conftest import free_ports, tiny_sweep_config
 
 from raycyto.analysis.load import read_csv
 
@@ -56,11 +56,12 @@ def test_ray_job_submit_runs_a_tiny_sweep_against_ray_start_head(karyo_dir, tmp_
     # <temp_dir>/ray_current_cluster, not /tmp/ray/, so a plain ray.init() in the other xdist
     # worker starts its own Ray instead of joining this cluster: the test runs in parallel.
     temp_dir = tempfile.mkdtemp(prefix="rcj", dir="/tmp")
-    gcs, dash = free_port(), free_port()
-    # every fixed default port gets a free one: other Rays on this machine hold the defaults
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    # every fixed default port gets a free one (other Rays on this machine hold the defaults),
+    # all distinct: one port handed out twice fails `ray start`
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    gcs, dash, *free = free_ports(2 + len(names))
+    ports = [f"--{name}={port}" for name, port in zip(names, free)]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # an activated venv
     env.pop("RAY_ADDRESS", None)
