@@ -31,9 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 def free_port() -> int:
     """A TCP port nothing listens on now (for endpoints and Ray job servers in tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
