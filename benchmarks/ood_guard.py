@@ -91,7 +91,7 @@ def scores(model, images: list[np.ndarray], batch: int = 16) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     from raycyto.models.bundle import find_bundle_dir
-    from raycyto.models.ood import ood_auroc
+    from raycyto.referral.ood import ood_auroc
     from raycyto.serve.predict import LoadedModel
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

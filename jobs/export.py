@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from raycyto.errors import RaycytoError
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
 
     try:
         out = export_model(args.exp_dir, args.out, best=args.best, trial=args.trial)

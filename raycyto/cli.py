@@ -9,6 +9,7 @@ from raycyto.analysis import cli as analysis_cli
 from raycyto.data import cli as data_cli
 from raycyto.models import cli as models_cli
 from raycyto.serve import cli as serve_cli
+from raycyto.export import cli as export_cli
 from raycyto.synth import cli as synth_cli
 from raycyto.tune import cli as tune_cli
 
@@ -37,7 +38,7 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(models_cli.app, name="models")
 app.command("sweep")(tune_cli.sweep)
 app.command("report")(analysis_cli.report)
-app.command("export")(serve_cli.export)
+app.command("export")(export_cli.export)
 app.command("serve")(serve_cli.serve)
 app.command("predict")(serve_cli.predict)
 app.command("run")(run_cmd.run)

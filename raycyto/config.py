@@ -25,16 +25,16 @@ from raycyto.errors import ConfigError
 
 #: Metrics a trial reports per split; ``val_<m>`` selects epochs and drives the search.
 METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auc")
-#: Fine-tuning modes (mirrors ``raycyto.models.FINETUNE_MODES``; checked against it when present).
+#: Fine-tuning modes; ``raycyto.models.finetune`` implements exactly these (tests/test_hygiene.py checks).
 FINETUNE_MODES = ("frozen", "last1", "last2", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 #: ``search.algorithm`` names; ``raycyto.tune.search.SEARCHERS`` implements exactly these.
 SEARCH_ALGORITHMS = ("optuna", "hyperopt", "bayesopt", "random")
 LOSSES = ("cross_entropy",)
-#: ``mc.refer_rule`` names (raycyto.serve.predict.ReferralPolicy applies them).
+#: ``mc.refer_rule`` names; ``raycyto.referral.policy.ReferralPolicy`` applies exactly these.
 REFER_RULES = ("vote", "set", "risk")
-#: ``mc.conformal_score`` names (raycyto.analysis.conformal.SCORES).
+#: ``mc.conformal_score`` names; ``raycyto.referral.conformal`` scores exactly these.
 CONFORMAL_SCORES = ("aps", "lac")
 
 

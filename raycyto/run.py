@@ -180,7 +180,7 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
     from raycyto.analysis.report import write_report
     from raycyto.config import load_config
     from raycyto.serve.app import AppArgs, build_app
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
     from raycyto.synth import generate
     from raycyto.data.pipeline import ensure_ray
     from raycyto.tune.sweep import run_sweep

@@ -63,7 +63,7 @@ def test_report_writes_the_new_tables_and_summary_columns(report):
 
 
 def test_summary_aurc_and_temperature_are_recomputable_per_fold(report):
-    from raycyto.analysis.calibration import fit_temperature
+    from raycyto.referral.temperature import fit_temperature
     from raycyto.analysis.selective import aurc
     from raycyto.analysis.uncertainty import expected_calibration_error, top_label
 
@@ -205,7 +205,7 @@ def fake_experiment(tmp_path):
 
 def test_export_stores_the_reports_threshold_for_its_fold_and_overrides(fake_experiment, tmp_path):
     from raycyto.errors import ConfigError
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
 
     write_report(fake_experiment, tmp_path / "r", target_recall=0.7)
     t = read_csv(tmp_path / "r" / "thresholds.csv")
@@ -232,7 +232,7 @@ def test_export_of_a_multiclass_task_refuses_the_risk_rule(tmp_path):
     from raycyto.errors import ConfigError
     from raycyto.models.bundle import save_bundle
     from raycyto.models.classifier import build_classifier
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
 
     exp = fabricate_experiment(tmp_path / "exp", classes=FIVE, positive=None, per_fold=10, samples=1,
                                folds=2, seed=4)

@@ -74,7 +74,7 @@ def exported(tmp_path_factory):
     import torch
 
     from raycyto.models import build_classifier, save_bundle
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
 
     root = tmp_path_factory.mktemp("sel")
     exp_dir, accurate, all_positive = _disagreeing_experiment(root)

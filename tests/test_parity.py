@@ -34,7 +34,7 @@ def _photo(h: int, w: int, cls: int, seed: int) -> np.ndarray:
 def _sweep(root: Path, head: str, input_size: int):
     """A real sweep of one head on the mixed-size set, exported: (bundle, model.json, test rows)."""
     from raycyto.config import load_config
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
     from raycyto.tune.sweep import run_sweep
 
     data = root / "data"

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raycyto.analysis.conformal import calibrate_conformal
+from raycyto.referral.conformal import calibrate_conformal
 from raycyto.errors import ConfigError
-from raycyto.serve.predict import OOD_REASON, ReferralPolicy, build_result
+from raycyto.referral.policy import OOD_REASON, ReferralPolicy
+from raycyto.serve.predict import build_result
 
 CLASSES = ["normal", "abnormal"]
 INFO = {"name": "m", "sha256": "0" * 64}
@@ -152,7 +153,7 @@ def _small_sweep(task: str, source: Path, out: Path, false_alarm: float) -> Path
     from conftest import tiny_sweep_config
 
     from raycyto.config import load_config
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
     from raycyto.tune.sweep import run_sweep
 
     cfg = tiny_sweep_config(source, f"ood-{task}", cv={"folds": 2, "val_fraction": 0.3, "seed": 0},

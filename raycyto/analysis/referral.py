@@ -3,14 +3,14 @@
 One fold of one trial is one trained model. For each, this module calibrates on that fold's
 ``split == "val"`` rows of predictions.parquet and measures on its ``split == "test"`` rows:
 
-- conformal prediction sets (:mod:`raycyto.analysis.conformal`: LAC and APS at the configured
+- conformal prediction sets (:mod:`raycyto.referral.conformal`: LAC and APS at the configured
   levels, optionally class-conditional) on the MC mean probabilities (``mc_mean_*``, what Serve
   returns; ``prob_*`` for older files);
-- the risk-controlled referral threshold (:mod:`raycyto.analysis.risk`, binary tasks): the
+- the risk-controlled referral threshold (:mod:`raycyto.referral.risk`, binary tasks): the
   loosest MC vote-confidence threshold certified by learn-then-test to keep positive-class
   recall among the cases not referred >= ``mc.target_recall`` with probability
   ``1 - mc.risk_delta``;
-- temperature scaling (:mod:`raycyto.analysis.calibration`) with ECE before and after.
+- temperature scaling (:mod:`raycyto.referral.temperature`) with ECE before and after.
 
 The report writes the measurements (conformal.csv, thresholds.csv) and ``raycyto export``
 stores :func:`calibrate_fold` of the exported fold in model.json (``referral``), so the
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 
-from raycyto.analysis.conformal import (SCORES, ConformalCalibration, calibrate_conformal,
+from raycyto.referral.conformal import (SCORES, ConformalCalibration, calibrate_conformal,
                                         conformal_folds, conformal_summary)
 from raycyto.analysis.load import ExperimentError
 
@@ -143,8 +143,8 @@ def calibrate_rows(exp: "Experiment", val: pd.DataFrame, mc: "MCConfig", trial_i
     Raises:
         ExperimentError: no validation rows, or a row that is not validation.
     """
-    from raycyto.analysis.calibration import fit_temperature
-    from raycyto.analysis.risk import risk_controlled_threshold
+    from raycyto.referral.temperature import fit_temperature
+    from raycyto.referral.risk import risk_controlled_threshold
 
     if val.empty:
         raise ExperimentError(f"{exp.exp_dir}: trial {trial_id} fold {fold} has no validation "
@@ -267,7 +267,7 @@ def risk_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
     """
     if not exp.binary or mc.target_recall is None:
         return pd.DataFrame()
-    from raycyto.analysis.risk import risk_controlled_threshold
+    from raycyto.referral.risk import risk_controlled_threshold
 
     rows = []
     pos_name = exp.class_names[exp.positive]

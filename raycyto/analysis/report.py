@@ -344,7 +344,7 @@ class _Report:
                                         f"{best['config']}: risk\u2013coverage, test", path)
 
     def _reliability(self, test: pd.DataFrame, best: pd.Series, path: Path) -> Path:
-        from raycyto.analysis.calibration import fit_temperature
+        from raycyto.referral.temperature import fit_temperature
 
         exp = self.exp
         y = test["label"].to_numpy()

@@ -124,7 +124,7 @@ def selective_scores(labels: np.ndarray, pred: np.ndarray, probs: np.ndarray, *,
         out["MC mean softmax"] = (m.argmax(1) == y, m.max(1))
     out["softmax"] = (ok, p.max(1))
     if temperature is not None:
-        from raycyto.analysis.calibration import logits_from_probs, scaled_softmax
+        from raycyto.referral.temperature import logits_from_probs, scaled_softmax
 
         scaled = scaled_softmax(logits_from_probs(p), temperature)      # [N, C]
         out["temperature-scaled softmax"] = (ok, scaled.max(1))
@@ -171,8 +171,8 @@ def selective_folds(predictions: pd.DataFrame, prob_columns: Sequence[str],
         Long table, one row per (group, score, test case): the ``by`` columns, score,
         correct, confidence. Feed groups to :func:`aurc` / :func:`risk_coverage`.
     """
-    from raycyto.analysis.calibration import fit_temperature
-    from raycyto.analysis.conformal import calibrate_conformal, prediction_sets
+    from raycyto.referral.temperature import fit_temperature
+    from raycyto.referral.conformal import calibrate_conformal, prediction_sets
 
     cols = list(prob_columns)
     mc_cols = list(mc_mean_columns or [])

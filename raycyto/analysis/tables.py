@@ -90,7 +90,7 @@ def select_best(exp: Experiment, rule: Rule = None) -> pd.Series:
 def _fold_row(exp: Experiment, g: pd.DataFrame, mc_dropout: bool, val: pd.DataFrame | None = None) -> dict:
     """Test metrics of one fold (``g``: its test rows; ``val``: its validation rows, which fit
     the temperature; None or empty: temperature columns NaN)."""
-    from raycyto.analysis.calibration import fit_temperature
+    from raycyto.referral.temperature import fit_temperature
     from raycyto.analysis.metrics import SELECT_METRICS
     from raycyto.analysis.selective import aurc
 

@@ -8,7 +8,7 @@ Layout of a bundle directory::
     head.pt        head state dict
     backbone.pt    backbone state dict -- only when it cannot be rebuilt from the registry:
                    fine-tuned backbones, or random (pretrained=False) ones
-    ood.npz        optional out-of-distribution guard (:class:`raycyto.models.ood.MahalanobisGuard`
+    ood.npz        optional out-of-distribution guard (:class:`raycyto.referral.ood.MahalanobisGuard`
                    fitted on the fold's training features; arrays + JSON meta, no pickle)
 
 A frozen pretrained backbone is not copied: ``model.json["backbone_weights"]`` names the
@@ -47,7 +47,7 @@ def save_bundle(out_dir: Path, model: Classifier, meta: dict | None = None, guar
         model: a :class:`Classifier` from :func:`build_classifier`.
         meta: extra keys for model.json (``class_names``, ``positive_class``, ``mc``,
             config, metrics...); they may not override the keys written here.
-        guard: optional :class:`~raycyto.models.ood.MahalanobisGuard` (written as ood.npz,
+        guard: optional :class:`~raycyto.referral.ood.MahalanobisGuard` (written as ood.npz,
             its settings under model.json ``ood``).
     Returns:
         path of model.json.
@@ -119,7 +119,7 @@ def load_guard(model_dir: Path, doc: dict) -> object | None:
     sha = (doc.get("files") or {}).get(GUARD_FILE)
     if sha is None:
         return None
-    from raycyto.models.ood import MahalanobisGuard
+    from raycyto.referral.ood import MahalanobisGuard
 
     return MahalanobisGuard.load(_verify(Path(model_dir) / GUARD_FILE, sha))
 

@@ -18,9 +18,9 @@ import re
 
 from torch import nn
 
+from raycyto.config import FINETUNE_MODES
 from raycyto.errors import RaycytoError
 
-FINETUNE_MODES = ("frozen", "last1", "last2", "full")
 _N_GROUPS = {"frozen": 0, "last1": 1, "last2": 2}
 _RANGE = re.compile(r"^(?P<parent>.+)\.(?P<a>\d+)-(?P<b>\d+)$")
 

@@ -1,4 +1,4 @@
-"""``raycyto export`` / ``serve`` / ``predict`` (registered as commands by the root CLI)."""
+"""``raycyto serve`` / ``predict`` (registered as commands by the root CLI)."""
 
 from __future__ import annotations
 
@@ -9,58 +9,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
-
-def export(
-    exp_dir: Path = typer.Argument(..., help="experiment folder written by `raycyto sweep`, or a main-job "
-                                   "folder such as runs/demo (its experiment/ is used)"),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="folder (or s3://... URI) for the model bundle "
-                                      "(default: runs/demo/model for a main-job folder, else EXP_DIR/model)"),
-    select: Optional[str] = typer.Option(None, "--select", help="selection rule, the same as `raycyto report "
-                                         "--select` (default: the sweep's search metric), e.g. auc or "
-                                         "recall@specificity>=0.9"),
-    trial: Optional[str] = typer.Option(None, "--trial", help="export this trial id instead (a baseline such "
-                                        "as probe-efficientnet_lite0 only this way)"),
-    target_recall: Optional[float] = typer.Option(None, "--target-recall", help="binary tasks: recall target of "
-                                                  "the risk-controlled threshold (default mc.target_recall; the "
-                                                  "same as `raycyto report --target-recall`)"),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="vote threshold stored for Serve "
-                                              "(default: the sweep's mc.threshold)"),
-    refer_rule: Optional[str] = typer.Option(None, "--refer-rule", help="referral rule stored for Serve: vote "
-                                             "(confidence < threshold), set (prediction set not one class) or "
-                                             "risk (risk-controlled threshold; binary) (default mc.refer_rule)"),
-) -> None:
-    """Export the configuration the report calls best (chosen on validation folds) as a servable bundle,
-    with its referral calibration (prediction sets, temperature, risk-controlled threshold) fitted on
-    the exported fold's validation predictions.
-
-    Example: raycyto export runs/demo --select auc --refer-rule risk --target-recall 0.9
-    """
-    from raycyto.errors import RaycytoError
-    from raycyto.serve.export import export_model
-    from raycyto.storage import read_text
-
-    try:
-        path = export_model(exp_dir, out, select=select, trial=trial, target_recall=target_recall,
-                            threshold=threshold, refer_rule=refer_rule)
-    except RaycytoError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    meta = json.loads(read_text(f"{path}/model.json"))
-    sel, test = meta.get("selection", {}), meta.get("metrics", {}).get("test", {})
-    typer.echo(f"exported {meta.get('name')} (trial {sel.get('trial_id')}, fold {sel.get('fold')}; "
-               f"rule {sel.get('rule')}); that fold's test accuracy {test.get('accuracy', float('nan')):.3f}, "
-               f"balanced accuracy {test.get('balanced_accuracy', float('nan')):.3f} -> {path}")
-    referral = meta.get("referral")
-    if referral is None:
-        typer.echo("referral: vote rule only (no validation rows to calibrate prediction sets on)")
-        return
-    conf = referral["conformal"]
-    typer.echo(f"referral rule: {referral['rule']}; vote threshold {meta['mc']['threshold']:g}; prediction set "
-               f"{conf['score']} at {conf['level']:g} (calibrated on {referral['calibrated_on']['n']} validation "
-               f"cases); temperature {referral['temperature']['temperature']:.3g}")
-    if "risk" in referral:
-        typer.echo(f"risk-controlled threshold: {referral['risk']['statement']}")
 
 
 def serve(

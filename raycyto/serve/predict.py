@@ -20,9 +20,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from raycyto.referral.policy import OOD_REASON, ReferralPolicy
+
 DEFAULT_MC_REPLICAS = 2
-REFER_RULES = ("vote", "set", "risk")
-OOD_REASON = "out_of_distribution"
 
 
 def pooled_features(features: np.ndarray) -> np.ndarray:
@@ -33,84 +33,6 @@ def pooled_features(features: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- referral
-
-
-@dataclass(frozen=True)
-class ReferralPolicy:
-    """How a bundle refers a case, from model.json ``referral`` (written by ``raycyto export``).
-
-    Rules (``rule``): ``vote``: the MC vote confidence is below ``threshold`` (the studies);
-    ``set``: the conformal prediction set is not exactly one class; ``risk``: the vote
-    confidence is below the risk-controlled threshold (binary tasks; ``None`` = not certified:
-    every case is referred). Whatever the rule, an input the out-of-distribution guard flags
-    is referred with reason ``out_of_distribution``.
-
-    Attributes:
-        rule: the configured rule.
-        conformal: the calibration of the prediction set (None: no set; the fields are omitted).
-        score, level: which calibrated set is returned (``aps``/``lac``, e.g. 0.9).
-        risk_threshold: risk-controlled threshold (NaN: none certified); None: not calibrated.
-        guarantee: the risk threshold's guarantee in one sentence.
-    """
-
-    rule: str = "vote"
-    conformal: Any = None
-    score: str = "aps"
-    level: float = 0.9
-    risk_threshold: Optional[float] = None
-    guarantee: str = ""
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any], rule: Optional[str] = None) -> "ReferralPolicy":
-        """The policy of a bundle (``rule`` overrides the stored one).
-
-        Raises:
-            ConfigError: unknown rule, or a rule the bundle has no calibration for.
-        """
-        from raycyto.errors import ConfigError
-
-        doc = meta.get("referral") or {}
-        chosen = rule or doc.get("rule") or "vote"
-        where = "refer_rule" if rule else "model.json referral.rule"
-        if chosen not in REFER_RULES:
-            raise ConfigError(where, f"expected one of {list(REFER_RULES)}, got {chosen!r}")
-        conformal, score, level = None, "aps", 0.9
-        if doc.get("conformal"):
-            from raycyto.analysis.conformal import ConformalCalibration
-
-            c = doc["conformal"]
-            conformal = ConformalCalibration.from_json(c["calibration"])
-            score, level = str(c["score"]), float(c["level"])
-            conformal.threshold(score, level)  # refuses a set the calibration does not hold
-        risk = doc.get("risk")
-        risk_threshold = None if risk is None else (
-            float("nan") if risk.get("threshold") is None else float(risk["threshold"]))
-        if chosen == "set" and conformal is None:
-            raise ConfigError(where, "rule 'set' needs a conformal calibration; this bundle has none "
-                                     "(export it again with `raycyto export`)")
-        if chosen == "risk" and risk_threshold is None:
-            raise ConfigError(where, "rule 'risk' needs a risk-controlled threshold; this bundle has none "
-                                     "(a binary task exported by `raycyto export`)")
-        return cls(chosen, conformal, score, level, risk_threshold,
-                   str((risk or {}).get("statement") or ""))
-
-    def prediction_set(self, mean: np.ndarray) -> Optional[list[int]]:
-        """Class indices of the set for MC mean probabilities ``[C]`` (None without calibration)."""
-        if self.conformal is None:
-            return None
-        from raycyto.analysis.conformal import prediction_set
-
-        return prediction_set(mean, self.conformal, self.score, self.level)
-
-    def describe(self, threshold: float) -> str:
-        """The rule in words, e.g. ``confidence < 0.8`` (what the audit log records)."""
-        if self.rule == "set":
-            return f"{self.score.upper()} prediction set at {self.level:g} is not a single class"
-        if self.rule == "risk":
-            t = self.risk_threshold
-            return "refer every case (no risk-controlled threshold certified)" if t is None or np.isnan(t) \
-                else f"confidence < {t:g} (risk-controlled)"
-        return f"confidence < {threshold:g}"
 
 
 # ----------------------------------------------------------------------------- scopes

@@ -371,7 +371,7 @@ def fit_guard(train: tuple[np.ndarray, np.ndarray], val_features: np.ndarray,
     None when disabled or when too few images."""
     if false_alarm is None or len(train[1]) < 3 or len(val_features) < 2:
         return None
-    from raycyto.models.ood import fit_mahalanobis
+    from raycyto.referral.ood import fit_mahalanobis
 
     return fit_mahalanobis(pooled(train[0]), train[1]).calibrate(pooled(val_features), false_alarm)
 

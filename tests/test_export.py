@@ -51,7 +51,7 @@ def test_export_picks_the_reports_best_trial_then_its_best_validation_fold(fake_
     from sklearn.metrics import accuracy_score
 
     from raycyto.analysis import load_experiment, select_best
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
 
     out = export_model(fake_experiment, tmp_path / "model")
     doc = json.loads((out / "model.json").read_text())
@@ -69,7 +69,7 @@ def test_export_picks_the_reports_best_trial_then_its_best_validation_fold(fake_
 
 def test_export_honours_select_and_explicit_trial(fake_experiment, tmp_path):
     from raycyto.errors import RaycytoError
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
 
     by_loss = json.loads((export_model(fake_experiment, tmp_path / "m1", select="loss") / "model.json").read_text())
     assert by_loss["selection"]["rule"] == "loss"
@@ -84,7 +84,7 @@ def test_export_honours_select_and_explicit_trial(fake_experiment, tmp_path):
 
 
 def test_loading_refuses_a_tampered_export(fake_experiment, tmp_path):
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
     from raycyto.serve.predict import LocalPredictor
 
     out = export_model(fake_experiment, tmp_path / "model")
@@ -111,7 +111,7 @@ def test_export_cli_writes_the_bundle(fake_experiment, tmp_path):
 
 
 def test_export_of_a_real_sweep_serves_offline(tiny_experiment, karyo_dir, tmp_path):
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
     from raycyto.serve.predict import LocalPredictor
 
     from raycyto.analysis import load_experiment, select_best
@@ -133,7 +133,7 @@ def test_export_to_an_object_store_uri_serves_from_it(fake_experiment, tmp_path)
     from raycyto.cli import app
     from raycyto.errors import RaycytoError
     from raycyto.serve.app import resolve_model_dir
-    from raycyto.serve.export import export_model
+    from raycyto.export.core import export_model
     from raycyto.serve.predict import LocalPredictor
 
     uri = (tmp_path / "bucket" / "model").as_uri()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raycyto.analysis.conformal import (ConformalCalibration, calibrate_conformal,
+from raycyto.referral.conformal import (ConformalCalibration, calibrate_conformal,
                                         conformal_folds, conformal_quantile, conformity_scores,
                                         mass_above, prediction_set, prediction_sets, set_metrics)
 from raycyto.errors import RaycytoError
@@ -227,7 +227,7 @@ def test_agrees_with_mapie_split_conformal_classifier(score):
 
 
 def test_conformal_summary_has_the_conformal_csv_columns():
-    from raycyto.analysis.conformal import conformal_summary
+    from raycyto.referral.conformal import conformal_summary
 
     rng = np.random.default_rng(8)
     rows = []

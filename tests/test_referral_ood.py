@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from raycyto.errors import RaycytoError
-from raycyto.models.ood import (MahalanobisGuard, conformal_upper_threshold, energy_score,
+from raycyto.referral.ood import (MahalanobisGuard, conformal_upper_threshold, energy_score,
                                 fit_mahalanobis, ood_auroc)
 
 D, RANK, C = 192, 12, 3

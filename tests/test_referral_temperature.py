@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from raycyto.analysis.calibration import (TemperatureScaling, fit_temperature, logits_from_probs,
+from raycyto.referral.temperature import (TemperatureScaling, fit_temperature, logits_from_probs,
                                           nll, scaled_softmax)
 from raycyto.errors import RaycytoError
 

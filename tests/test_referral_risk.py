@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from raycyto.analysis.risk import RecallGuarantee, recall_tests, risk_controlled_threshold
+from raycyto.referral.risk import RecallGuarantee, recall_tests, risk_controlled_threshold
 from raycyto.errors import RaycytoError
 
 POS = 1
@@ -122,7 +122,7 @@ def test_p_values_equal_mapie_binary_classification_controller():
 def test_hb_p_value_counts_exactly_where_float_risk_would_round_up():
     from scipy.stats import binom
 
-    from raycyto.analysis.risk import binomial_hb_p_value
+    from raycyto.referral.risk import binomial_hb_p_value
 
     p = binomial_hb_p_value(np.array([7]), np.array([140]), 0.05)[0]
     assert p <= binom.cdf(7, 140, 0.05) + 1e-15           # not cdf(8, ...)

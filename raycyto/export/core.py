@@ -140,7 +140,7 @@ def calibrate_guard(guard: Any, model: Any, meta: dict, exp: Any, trial_id: str,
     """
     import torch
 
-    from raycyto.models.ood import conformal_upper_threshold
+    from raycyto.referral.ood import conformal_upper_threshold
     from raycyto.models.preprocessing import Preprocess
     from raycyto.serve.predict import pooled_features
     from raycyto.serve.validation import decode_upload

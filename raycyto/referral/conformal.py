@@ -40,9 +40,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from raycyto.config import CONFORMAL_SCORES
 from raycyto.errors import RaycytoError
 
-SCORES = ("lac", "aps")
+SCORES = CONFORMAL_SCORES   # owned by raycyto.config (mc.conformal_score)
 DEFAULT_LEVELS = (0.90, 0.95)
 
 
