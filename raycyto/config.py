@@ -45,22 +45,44 @@ def metric_mode(metric: str) -> str:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Arguments for ``raycyto.synth.generate`` when ``data.source == "synthetic"``."""
+    """Arguments for ``raycyto.synth.generate`` when ``data.source == "synthetic"``.
+
+    ``class_counts`` (leukemia) asks for images per class, ``{HLT: 59, ALL: 49, ...}``, grouped
+    ``per_patient`` to a patient (a class's last patient holds the remainder); the counts then
+    decide the number of patients: leave ``patients`` null, or it must match.
+    """
 
     task: str = "karyogram"
-    patients: int = 60
+    patients: Optional[int] = None  # null: 60, or as many as class_counts needs
     per_patient: int = 2
     seed: int = 0
     size: Optional[int] = 416
     abnormal_fraction: Optional[float] = None
+    class_counts: Optional[dict[str, int]] = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``raycyto.synth.generate`` after ``task`` and ``out``."""
+        kw = {"patients": self.patients, "per_patient": self.per_patient, "seed": self.seed, "size": self.size}
+        if self.abnormal_fraction is not None:
+            kw["abnormal_fraction"] = self.abnormal_fraction
+        if self.class_counts is not None:
+            kw["class_counts"] = self.class_counts
+        return kw
 
     def _check(self, prefix: str) -> None:
-        _positive(self, prefix, "patients", "per_patient")
+        if self.patients is not None:
+            _positive(self, prefix, "patients")
+        _positive(self, prefix, "per_patient")
         if self.size is not None and self.size < 16:
             raise ConfigError(f"{prefix}.size", f"expected >= 16 pixels, got {self.size}")
         if self.abnormal_fraction is not None and not 0 < self.abnormal_fraction < 1:
             raise ConfigError(f"{prefix}.abnormal_fraction",
                               f"expected 0 < value < 1, got {self.abnormal_fraction}")
+        if self.class_counts is not None:
+            from raycyto.synth.core import patients_from_counts
+
+            patients_from_counts(self.task, self.class_counts, self.per_patient, self.patients,
+                                 field=f"{prefix}.class_counts")
 
 
 @dataclass(frozen=True)

@@ -204,9 +204,7 @@ def run_main_job(task: str = "karyogram", out: Path = Path("runs/demo"), config:
     serve_env()  # step 5's endpoint runs on the Ray started here
     ensure_ray()  # the synthetic images are drawn on Ray workers too
     console.rule(f"1/5 synthetic {syn.task} images")
-    extra = {"abnormal_fraction": syn.abnormal_fraction} if syn.abnormal_fraction is not None else {}
-    generate(syn.task, paths["data"], patients=syn.patients, per_patient=syn.per_patient, seed=syn.seed,
-             size=syn.size, progress=True, **extra)
+    generate(syn.task, paths["data"], progress=True, **syn.generate_kwargs())
     cfg = cfg.replace(**{"data.source": str(paths["data"]), "storage": str(out)})
 
     console.rule("2/5 sweep on Ray Tune")

@@ -11,7 +11,20 @@ app = typer.Typer(no_args_is_help=True,
                   help="Generate synthetic karyograms and blood-smear fields (offline datasets).")
 
 
-def _run(task: str, out: Path, patients: int, per_patient: int, seed: int,
+def parse_counts(text: Optional[str]) -> Optional[dict[str, int]]:
+    """``"HLT=59,ALL=49"`` -> ``{"HLT": 59, "ALL": 49}`` (None stays None); malformed text is a usage error."""
+    if text is None:
+        return None
+    counts: dict[str, int] = {}
+    for item in text.split(","):
+        label, sep, number = item.partition("=")
+        if not sep or not label.strip() or not number.strip().isdigit():
+            raise typer.BadParameter(f"expected CLASS=IMAGES,... like HLT=59,ALL=49; got {item!r}")
+        counts[label.strip()] = int(number)
+    return counts
+
+
+def _run(task: str, out: Path, patients: Optional[int], per_patient: int, seed: int,
          size: Optional[int], **options) -> None:
     """Generate, then print counts per label (and per subtype when the task has one)."""
     import csv
@@ -34,7 +47,7 @@ def _run(task: str, out: Path, patients: int, per_patient: int, seed: int,
         rows = list(csv.DictReader(fh))
     key = "subtype" if rows and "subtype" in rows[0] else "label"
     counts = Counter((r["label"], r[key]) for r in rows)
-    table = Table(title=f"{task}: {len(rows)} images from {patients} patients")
+    table = Table(title=f"{task}: {len(rows)} images from {len({r['group'] for r in rows})} patients")
     table.add_column("label")
     if key != "label":
         table.add_column(key)
@@ -65,13 +78,21 @@ def karyogram(
 @app.command("leukemia")
 def leukemia(
     out: Path = typer.Option(..., "--out", help="Output folder (created)."),
-    patients: int = typer.Option(60, "--patients", help="Synthetic patients (groups)."),
+    patients: Optional[int] = typer.Option(
+        None, "--patients", show_default=False,
+        help="Synthetic patients (groups), classes balanced (default 60; with --class-counts: as many as it needs)."),
     per_patient: int = typer.Option(2, "--per-patient", help="Images per patient."),
     seed: int = typer.Option(0, "--seed", help="Seed; same arguments give identical files."),
     size: int = typer.Option(224, "--size", help="Image side in pixels."),
+    class_counts: Optional[str] = typer.Option(
+        None, "--class-counts", callback=parse_counts,
+        help="Images per class, CLASS=N,... (study B: HLT=59,ALL=49,AML=58,CLL=46,CML=54), "
+             "--per-patient to a patient; a class's last patient holds the remainder."),
 ) -> None:
     """Blood-smear fields, labels ALL, AML, CLL, CML, HLT.
 
     Example: raycyto synth leukemia --out data/leuk --patients 20 --per-patient 2 --seed 0
+
+    Study B's 266 images: raycyto synth leukemia --out data/leuk --class-counts HLT=59,ALL=49,AML=58,CLL=46,CML=54
     """
-    _run("leukemia", out, patients, per_patient, seed, size)
+    _run("leukemia", out, patients, per_patient, seed, size, class_counts=class_counts)

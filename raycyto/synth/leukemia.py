@@ -13,7 +13,7 @@ the label away; the class lives in the white-cell morphology.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -352,15 +352,21 @@ RECIPES: dict[str, tuple[dict[str, float], tuple[float, float]]] = {
 
 # ---------------------------------------------------------------- patients and fields
 
-def plan(seed: int, patients: int) -> list[dict[str, Any]]:
-    """Balanced class assignment (shuffled by ``seed``) plus per-patient mix and stain bias.
+def plan(seed: int, patients: int, labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Class assignment plus per-patient mix and stain bias.
 
+    Args:
+        labels: one class per patient (``raycyto.synth.generate``'s ``class_counts``); None:
+            balanced classes, shuffled by ``seed``. Everything else is drawn the same way.
     Returns:
         one dict per patient: label, mix {cell: probability}, stain {name: scale [3]},
         light [3], rbc_density.
     """
-    cohort = np.random.default_rng([seed, patients, 2, 0])
-    labels = [CLASSES[i % len(CLASSES)] for i in cohort.permutation(patients)]
+    if labels is None:
+        cohort = np.random.default_rng([seed, patients, 2, 0])
+        labels = [CLASSES[i % len(CLASSES)] for i in cohort.permutation(patients)]
+    elif len(labels) != patients:
+        raise ValueError(f"{len(labels)} labels for {patients} patients")
     out = []
     for p, label in enumerate(labels):
         rng = patient_rng(seed, p)

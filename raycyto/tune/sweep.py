@@ -53,9 +53,7 @@ def prepare_data(cfg: SweepConfig, exp_dir: Path, progress: bool = True) -> tupl
         syn = cfg.data.synthetic
         out = exp_dir / "data"
         if not (out / "manifest.csv").is_file():
-            kw = {} if syn.abnormal_fraction is None else {"abnormal_fraction": syn.abnormal_fraction}
-            generate(syn.task, out, patients=syn.patients, per_patient=syn.per_patient, seed=syn.seed,
-                     size=syn.size, progress=progress, **kw)
+            generate(syn.task, out, progress=progress, **syn.generate_kwargs())
         source = str(out)
     table = read_source(source)
     if cfg.data.classes is not None:
