@@ -1,4 +1,5 @@
-"""Ray Job entrypoint: run (or resume) a raycyto sweep on the cluster the job runs in.
+"""Ray Job entrypoint: ``raycyto sweep`` itself (same options, same exit codes), run or resume a sweep
+on the cluster the job runs in.
 
 Submit to a local head node (Ray 2.60 keeps token authentication ON):
 
@@ -13,42 +14,14 @@ Submit to a local head node (Ray 2.60 keeps token authentication ON):
 Inside the job RAY_ADDRESS is set, so the sweep connects to that cluster instead of
 starting its own. With a relative --out the experiment lands in the job's working
 directory copy; pass an absolute path (or shared storage) to keep it.
+(``ray job submit ... -- raycyto sweep ...`` runs the same command.)
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
+import typer
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run the sweep; returns the process exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="sweep config YAML")
-    parser.add_argument("--data", help="override data.source")
-    parser.add_argument("--out", type=Path, help="experiment directory")
-    parser.add_argument("--storage", help="override storage: a folder or s3://bucket/prefix (multi-node clusters)")
-    parser.add_argument("--resume", type=Path, help="continue the sweep in this EXP_DIR")
-    parser.add_argument("--positive-class", help="override data.positive_class")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
+from raycyto.cli import app
 
-    from raycyto.errors import RaycytoError
-    from raycyto.tune.sweep import sweep_main
-
-    try:
-        exp_dir = sweep_main(config=args.config, data=args.data, out=args.out, resume=args.resume,
-                             progress=not args.quiet, storage=args.storage, positive_class=args.positive_class,
-                             sets=tuple(args.set))
-    except RaycytoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"experiment directory: {exp_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the typer command itself: options cannot drift from the CLI
+    typer.main.get_command(app).commands["sweep"].main(sys.argv[1:], prog_name="raycyto sweep")
