@@ -165,9 +165,7 @@ class GridConfig:
             if mode not in FINETUNE_MODES:
                 raise ConfigError(f"{prefix}.finetune",
                                   f"unknown mode {mode!r}; known: {list(FINETUNE_MODES)}")
-        for head in self.head_kwargs:
-            if head not in self.heads:
-                raise ConfigError(f"{prefix}.head_kwargs.{head}", f"head {head!r} is not in grid.heads")
+        self._drop_stray_head_kwargs(prefix)
         try:
             from raycyto.models.heads import BASELINE_HEADS, HEADS
             from raycyto.models.registry import BACKBONES
@@ -187,6 +185,29 @@ class GridConfig:
             for value in values:
                 if value not in known:
                     raise ConfigError(f"{prefix}.{name}", f"unknown {name[:-1]} {value!r}; known: {sorted(known)}")
+
+    def _drop_stray_head_kwargs(self, prefix: str) -> None:
+        """Settings of a registered head that is not in ``heads`` are dropped with a warning, so a
+        grid narrows with one override (``--set 'grid.heads=[a,d]'`` on a YAML that sets head s);
+        an unknown head name stays an error."""
+        stray = [head for head in self.head_kwargs if head not in self.heads]
+        if not stray:
+            return
+        try:
+            from raycyto.models.heads import HEADS
+        except ImportError:  # models package not installed yet: names checked when used
+            HEADS = None
+        for head in stray:
+            if HEADS is not None and head not in HEADS:
+                raise ConfigError(f"{prefix}.head_kwargs.{head}",
+                                  f"unknown head {head!r}; known: {sorted(HEADS)}")
+        import warnings
+
+        for head in stray:
+            warnings.warn(f"{prefix}.head_kwargs.{head}: head {head!r} is not in {prefix}.heads "
+                          f"{list(self.heads)}; its settings are ignored", stacklevel=2)
+        object.__setattr__(self, "head_kwargs",  # frozen: the checked config drops them once
+                           {h: kw for h, kw in self.head_kwargs.items() if h in self.heads})
 
 
 @dataclass(frozen=True)

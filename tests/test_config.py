@@ -150,3 +150,26 @@ def test_spatial_heads_pair_with_frozen_cells_only():
         load_config({"name": "x", "grid": {"heads": ["s"], "finetune": ["last1"]}})
     with pytest.raises(ConfigError, match="train.label_smoothing"):
         load_config({"name": "x", "train": {"label_smoothing": 1.5}})
+
+
+def test_narrowing_the_grid_is_one_override():
+    """demo.yaml sets head s; ``--set 'grid.heads=[a,d]'`` drops those settings with a warning
+    naming the field (the resolved config, and so EXP_DIR/config.yaml, no longer carries them)."""
+    demo = load_config(CONFIGS[0].with_name("demo.yaml"))
+    assert "s" in demo.grid.head_kwargs
+    with pytest.warns(UserWarning, match=r"grid\.head_kwargs\.s: head 's' is not in grid\.heads"):
+        cfg = demo.override(["grid.heads=[a,d]"])
+    assert cfg.grid.heads == ("a", "d") and cfg.grid.head_kwargs == {}
+    assert cfg.grid.cells() == [("efficientnet_lite0", "frozen", "a"), ("efficientnet_lite0", "frozen", "d")]
+    with pytest.warns(UserWarning, match=r"grid\.head_kwargs\.d:"):
+        kept = load_config({"grid": {"heads": ["a", "s"], "head_kwargs": {"s": {"width": 8}, "d": {}}}})
+    assert kept.grid.head_kwargs == {"s": {"width": 8}}
+
+
+def test_settings_of_an_unknown_head_are_an_error_naming_the_field():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS[0].with_name("demo.yaml")).override(["grid.head_kwargs.zzz={width: 3}"])
+    assert e.value.field == "grid.head_kwargs.zzz" and "unknown head 'zzz'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config({"grid": {"heads": ["a"], "head_kwargs": {"zzz": {}}}})
+    assert e.value.field == "grid.head_kwargs.zzz"
