@@ -36,6 +36,8 @@ LOSSES = ("cross_entropy",)
 REFER_RULES = ("vote", "set", "risk")
 #: ``mc.conformal_score`` names; ``raycyto.referral.conformal`` scores exactly these.
 CONFORMAL_SCORES = ("aps", "lac")
+#: ``mc.set_keep`` names: which prediction sets rule "set" keeps (raycyto.referral.policy).
+SET_KEEP = ("single", "negative")
 
 
 def metric_mode(metric: str) -> str:
@@ -313,8 +315,14 @@ class MCConfig:
     risk_delta: float = 0.1                # the guarantee holds with probability 1 - risk_delta
     coverage: float = 0.9                  # level of the served prediction set (and of rule "set")
     conformal_levels: tuple[float, ...] = (0.9, 0.95)  # levels calibrated and reported
-    conformal_score: str = "aps"           # served set: aps (never empty) or lac (smallest sets)
-    conformal_mondrian: bool = False       # served set: one threshold per class (class-conditional)
+    conformal_score: str = "aps"           # served set: aps (randomized per image) or lac (smallest sets)
+    # served set: one threshold per class (class-conditional coverage); null: per class on binary
+    # tasks (the positive class gets its own guarantee), marginal on multiclass ones
+    conformal_mondrian: Optional[bool] = None
+    # rule "set" keeps a case when its set is exactly one class ("single"), or, binary tasks,
+    # only when it is exactly {negative class} ("negative": with Mondrian sets, a sensitivity
+    # guarantee: a positive case is kept with probability <= 1 - coverage)
+    set_keep: str = "single"
 
     def _check(self, prefix: str) -> None:
         _positive(self, prefix, "passes")
@@ -324,6 +332,7 @@ class MCConfig:
             raise ConfigError(f"{prefix}.ood_false_alarm", f"expected 0 < value < 1 or null, got {self.ood_false_alarm}")
         _choice(prefix, "refer_rule", self.refer_rule, REFER_RULES)
         _choice(prefix, "conformal_score", self.conformal_score, CONFORMAL_SCORES)
+        _choice(prefix, "set_keep", self.set_keep, SET_KEEP)
         if self.target_recall is not None and not 0 < self.target_recall < 1:
             raise ConfigError(f"{prefix}.target_recall", f"expected 0 < value < 1 or null, got {self.target_recall}")
         if not 0 < self.risk_delta < 1:

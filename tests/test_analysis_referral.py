@@ -117,7 +117,7 @@ def test_multiclass_report_has_sets_and_no_risk_rows_unless_a_target_is_given(tm
     assert not (tmp_path / "out" / "thresholds.csv").exists() and not (tmp_path / "out" / "strata.csv").exists()
     conformal = read_csv(tmp_path / "out" / "conformal.csv")
     assert {f"coverage_{c}_mean" for c in FIVE} <= set(conformal.columns)
-    assert not conformal["mondrian"].any()   # class-conditional rows: binary tasks only
+    assert set(conformal["mondrian"]) == {True, False}   # marginal and per-class rows, 5 classes too
     write_report(exp, tmp_path / "out", target_recall=0.7)
     t = read_csv(tmp_path / "out" / "thresholds.csv")
     assert (t["certified"] == False).all() and t["method"].str.contains("no guarantee").all()  # noqa: E712
@@ -126,24 +126,26 @@ def test_multiclass_report_has_sets_and_no_risk_rows_unless_a_target_is_given(tm
 
 def _fold_thresholds(exp_dir: Path, out: Path) -> pd.DataFrame:
     write_report(exp_dir, out, target_recall=0.7)
-    t = read_csv(out / "thresholds.csv")[["trial_id", "fold", "threshold", "val_referral_rate", "p_value"]]
+    t = read_csv(out / "thresholds.csv")[["trial_id", "fold", "threshold", "cal_referral_rate", "p_value",
+                                          "certifiable_recall"]]
     c = read_csv(out / "conformal.csv")
     return t, c.sort_values(["trial_id", "mondrian", "score", "level"])["n_calibration_mean"].to_numpy()
 
 
-def test_calibration_never_reads_test_rows(tmp_path):
-    """Corrupt every test row (labels, probabilities, votes): thresholds.csv's thresholds and the
-    thresholds export stores in model.json stay exactly the same; the test measurements change."""
-    from raycyto.analysis.referral import calibrate_fold, mc_config
+def test_no_guarantee_is_calibrated_on_rows_that_chose_something(tmp_path):
+    """Corrupt every validation row (the rows that stopped training, fitted the temperature and
+    ranked the configurations): the sets and risk thresholds of thresholds.csv, conformal.csv
+    and model.json stay exactly the same, and so do their test measurements."""
+    from raycyto.referral.fit import calibrate_trial, mc_config
 
     exp_dir = fabricate_experiment(tmp_path / "exp", seed=5, per_fold=40)
-    before = calibrate_fold(load_experiment(exp_dir), "1e000000", 1, mc_config(load_experiment(exp_dir)))
+    before = calibrate_trial(load_experiment(exp_dir), "1e000000", mc_config(load_experiment(exp_dir)), 1)
     t0, n0 = _fold_thresholds(exp_dir, tmp_path / "r0")
     cov0 = read_csv(tmp_path / "r0" / "conformal.csv")["coverage_mean"].to_numpy()
     rng = np.random.default_rng(0)
 
     def corrupt(p: pd.DataFrame) -> pd.DataFrame:
-        test = p["split"] == "test"
+        test = p["split"] == "val"
         p = p.copy()
         p.loc[test, "label"] = rng.integers(0, 2, int(test.sum()))
         noise = rng.random((int(test.sum()), 2))
@@ -154,13 +156,35 @@ def test_calibration_never_reads_test_rows(tmp_path):
         return p
 
     rewrite_predictions(exp_dir, corrupt)
-    after = calibrate_fold(load_experiment(exp_dir), "1e000000", 1, mc_config(load_experiment(exp_dir)))
+    after = calibrate_trial(load_experiment(exp_dir), "1e000000", mc_config(load_experiment(exp_dir)), 1)
     assert after.conformal.to_json() == before.conformal.to_json()
-    assert after.temperature == before.temperature and after.risk.to_json() == before.risk.to_json()
+    assert after.risk.to_json() == before.risk.to_json() and after.n == before.n > 0
+    assert after.temperature != before.temperature        # the temperature is fitted there, and only it
     t1, n1 = _fold_thresholds(exp_dir, tmp_path / "r1")
     pd.testing.assert_frame_equal(t0, t1)
     np.testing.assert_array_equal(n0, n1)
-    assert not np.allclose(cov0, read_csv(tmp_path / "r1" / "conformal.csv")["coverage_mean"].to_numpy())
+    np.testing.assert_allclose(cov0, read_csv(tmp_path / "r1" / "conformal.csv")["coverage_mean"].to_numpy())
+
+
+def test_a_folds_measured_thresholds_never_read_its_own_test_rows(tmp_path):
+    """Cross-fitting: corrupting fold 1's test rows changes fold 1's test measurements, not
+    the thresholds it is measured with (the other folds' thresholds do change)."""
+    exp_dir = fabricate_experiment(tmp_path / "exp", seed=5, per_fold=40)
+    t0, _ = _fold_thresholds(exp_dir, tmp_path / "r0")
+    rng = np.random.default_rng(0)
+
+    def corrupt(p: pd.DataFrame) -> pd.DataFrame:
+        own = (p["split"] == "test") & (p["fold"] == 1)
+        p = p.copy()
+        p.loc[own, "label"] = 1 - p.loc[own, "label"]
+        p.loc[own, "mc_confidence"] = rng.uniform(0.5, 1, int(own.sum()))
+        return p
+
+    rewrite_predictions(exp_dir, corrupt)
+    t1, _ = _fold_thresholds(exp_dir, tmp_path / "r1")
+    f1 = (t0["fold"] == 1).to_numpy()
+    pd.testing.assert_frame_equal(t0[f1], t1[f1])
+    assert not np.allclose(t0[~f1]["p_value"], t1[~f1]["p_value"])
 
 
 def test_a_large_easy_binary_task_certifies_a_threshold_that_holds_on_test(tmp_path):
@@ -175,7 +199,8 @@ def test_a_large_easy_binary_task_certifies_a_threshold_that_holds_on_test(tmp_p
     rewrite_predictions(exp_dir, confident)
     write_report(exp_dir, tmp_path / "r", target_recall=0.85)
     t = read_csv(tmp_path / "r" / "thresholds.csv")
-    assert t["certified"].all() and (t["val_recall_kept"] >= 0.85).all()
+    assert t["certified"].all() and (t["cal_recall_kept"] >= 0.85).all()
+    assert (t["certifiable_recall"] >= 0.85).all()
     assert (t["test_recall_kept"] >= 0.8).all()
     assert t["statement"].str.contains("with 90% confidence").all()
 
@@ -213,13 +238,16 @@ def test_export_stores_the_reports_threshold_for_its_fold_and_overrides(fake_exp
     doc = json.loads((export_model(fake_experiment, tmp_path / "m", target_recall=0.7, threshold=0.65,
                                    refer_rule="set") / "model.json").read_text())
     ref = doc["referral"]
-    assert (ref["calibrated_on"]["trial_id"], ref["calibrated_on"]["fold"]) == (row["trial_id"], row["fold"])
-    assert doc["selection"]["fold"] == row["fold"] and ref["calibrated_on"]["split"] == "val"
-    stored = ref["risk"]["threshold"]
-    assert (stored is None and np.isnan(row["threshold"])) or stored == pytest.approx(row["threshold"])
-    assert ref["risk"]["statement"] == row["statement"] and ref["risk"]["guarantee"]["target"] == 0.7
+    assert ref["calibrated_on"]["trial_id"] == row["trial_id"] and doc["selection"]["fold"] == row["fold"]
+    assert ref["calibrated_on"]["split"] == "test" and ref["calibrated_on"]["folds"] == [0, 1, 2]
+    preds = load_experiment(fake_experiment).test_predictions
+    n_oof = int((preds["trial_id"] == row["trial_id"]).sum())
+    # export calibrates on every fold's out-of-fold rows: the report's per-fold thresholds use one fold fewer
+    assert ref["risk"]["guarantee"]["n"] == n_oof and row["cal_n"] < n_oof
+    assert ref["risk"]["guarantee"]["target"] == 0.7 and "certifiable" in ref["risk"]
     assert ref["rule"] == "set" and doc["mc"]["threshold"] == 0.65
-    assert ref["conformal"]["calibration"]["n_calibration"] == ref["calibrated_on"]["n"] == 30
+    assert ref["conformal"]["calibration"]["n_calibration"] == ref["calibrated_on"]["n"] == n_oof
+    assert ref["conformal"]["calibration"]["mondrian"] and ref["conformal"]["calibration"]["randomized"]
     assert ref["conformal"]["calibration"]["source"].startswith("mc_mean")
     assert set(ref["temperature"]) >= {"temperature", "ece_before", "ece_after"}
     with pytest.raises(ConfigError, match="--refer-rule"):

@@ -141,4 +141,4 @@ def test_ties_prefer_a_configuration_that_can_refer(tmp_path):
     res = pd.read_csv(exp_dir / "results.csv", dtype={"trial_id": str})
     res["mc_dropout"] = res["head"] == "d"
     res.to_csv(exp_dir / "results.csv", index=False)
-    assert select_best(load_experiment(exp_dir))["head"] == "d"  # every accuracy is 1.0
+    assert select_best(load_experiment(exp_dir), "accuracy")["head"] == "d"  # every accuracy is 1.0

@@ -3,6 +3,7 @@ and agreement with MAPIE 1.x on the same data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -28,21 +29,22 @@ def synthetic(rng: np.random.Generator, n: int, c: int = 4, sharp: float = 2.0,
     return shown / shown.sum(1, keepdims=True), y
 
 
-@pytest.mark.parametrize("score", ["lac", "aps"])
+@pytest.mark.parametrize("score,randomized", [("lac", False), ("aps", True), ("aps", False)])
 @pytest.mark.parametrize("level", [0.9, 0.95])
-def test_coverage_on_exchangeable_data_is_the_split_conformal_rate(score, level):
-    """Mean test coverage over 200 repetitions is at least ceil((n+1) level) / (n+1) within
-    4 standard deviations of the beta-binomial spread (it would not be without the (n+1)
-    correction: ceil(n level) / (n+1) = 0.882 for n=50, level 0.9). LAC's continuous score
-    gives exactly that rate; APS includes the class that crosses the threshold, so it may
-    cover more (deterministic sets, never empty)."""
+def test_coverage_on_exchangeable_data_is_the_split_conformal_rate(score, level, randomized):
+    """Mean test coverage over 200 repetitions is ceil((n+1) level) / (n+1) within 4 standard
+    deviations of the beta-binomial spread (it would not be without the (n+1) correction:
+    ceil(n level) / (n+1) = 0.882 for n=50, level 0.9). LAC's continuous score and the
+    randomized APS give exactly that rate, not more; the non-randomized APS includes the class
+    that crosses the threshold, so it covers more (0.98-0.99 on real tasks at 0.9)."""
     rng = np.random.default_rng(0)
     n_cal, n_test, reps = 50, 200, 200
     cover = []
     for r in range(reps):
         p, y = synthetic(rng, n_cal + n_test)
-        cal = calibrate_conformal(p[:n_cal], y[:n_cal], [level], [score], seed=r)
-        sets = prediction_sets(p[n_cal:], cal, score, level)
+        u = rng.uniform(size=n_cal + n_test) if randomized else None
+        cal = calibrate_conformal(p[:n_cal], y[:n_cal], [level], [score], u=None if u is None else u[:n_cal])
+        sets = prediction_sets(p[n_cal:], cal, score, level, None if u is None else u[n_cal:])
         cover.append(set_metrics(sets, y[n_cal:])["coverage"])
     k = math.ceil((n_cal + 1) * level)
     a, b = k, n_cal + 1 - k                                    # threshold rank ~ Beta(a, b)
@@ -50,8 +52,30 @@ def test_coverage_on_exchangeable_data_is_the_split_conformal_rate(score, level)
     var = a * b / ((a + b) ** 2 * (a + b + 1)) + expected * (1 - expected) / n_test
     tol = 4 * math.sqrt(var / reps)
     assert np.mean(cover) >= expected - tol, (np.mean(cover), expected, tol)
-    if score == "lac":
+    if score == "lac" or randomized:
         assert np.mean(cover) <= expected + tol, (np.mean(cover), expected, tol)
+    else:
+        assert np.mean(cover) > expected + tol, "the non-randomized APS is conservative"
+
+
+def test_randomized_aps_needs_the_image_uniform_and_one_image_always_gets_one_set():
+    from raycyto.referral.conformal import image_uniform, prediction_set
+
+    rng = np.random.default_rng(12)
+    p, y = synthetic(rng, 300, c=5)
+    u = np.array([image_uniform(bytes([i % 256, i // 256])) for i in range(300)])
+    assert ((u >= 0) & (u < 1)).all() and len(set(u)) == 300
+    assert image_uniform(b"same bytes") == image_uniform(b"same bytes") != image_uniform(b"other")
+    cal = calibrate_conformal(p[:200], y[:200], [0.9], ["aps"], u=u[:200])
+    assert cal.randomized and ConformalCalibration.from_json(cal.to_json()).randomized
+    with pytest.raises(RaycytoError, match="uniform"):
+        prediction_sets(p[200:], cal, "aps", 0.9)
+    sets = prediction_sets(p[200:], cal, "aps", 0.9, u[200:])
+    one = [prediction_set(p[200 + i], cal, "aps", 0.9, u[200 + i]) for i in range(100)]
+    assert [sorted(s) for s in one] == [sorted(np.flatnonzero(r).tolist()) for r in sets]
+    # a larger u takes classes out, never in: the draw only decides the boundary class
+    lo, hi = prediction_sets(p[200:], cal, "aps", 0.9, np.zeros(100)), prediction_sets(p[200:], cal, "aps", 0.9, np.ones(100))
+    assert (hi <= lo).all() and (hi <= sets).all() and (sets <= lo).all()
 
 
 def test_mondrian_covers_each_class_including_a_rare_positive_class():
@@ -102,7 +126,9 @@ def test_lac_sets_shrink_as_the_model_becomes_more_confident():
     assert size[0] == 4 and size[-1] == 1
 
 
-def test_calibration_never_reads_test_rows():
+def test_cross_fitted_calibration_never_reads_validation_rows_or_its_own_fold():
+    """Fold k's thresholds come from the other folds' test rows only: corrupting fold k's test
+    rows moves its coverage, not its thresholds; corrupting every validation row moves nothing."""
     rng = np.random.default_rng(4)
     rows = []
     for trial in ("00000123", "3e104512"):
@@ -115,19 +141,21 @@ def test_calibration_never_reads_test_rows():
     df = pd.concat(rows, ignore_index=True)
     cols = ["prob_a", "prob_b", "prob_c"]
     before = conformal_folds(df, cols, mondrian=True)
-    bad = df.copy()
-    test = bad["split"] == "test"
-    bad.loc[test, "label"] = (bad.loc[test, "label"] + 1) % 3
-    bad.loc[test, cols] = rng.dirichlet(np.ones(3), size=int(test.sum()))
-    after = conformal_folds(bad, cols, mondrian=True)
     assert len(before) == 2 * 2 * 2 * 2                      # trials x folds x scores x levels
-    pd.testing.assert_series_equal(before["threshold"], after["threshold"])
-    assert before["thresholds"].tolist() == after["thresholds"].tolist()
-    assert not np.allclose(before["coverage"], after["coverage"])   # test rows were read to score
-    # and corrupting validation rows does move them
+    bad = df.copy()
+    own = (bad["split"] == "test") & (bad["fold"] == 0)
+    bad.loc[own, "label"] = (bad.loc[own, "label"] + 1) % 3
+    bad.loc[own, cols] = rng.dirichlet(np.ones(3), size=int(own.sum()))
+    after = conformal_folds(bad, cols, mondrian=True)
+    f0, f1 = (before["fold"] == 0).to_numpy(), (before["fold"] == 1).to_numpy()
+    assert before.loc[f0, "thresholds"].tolist() == after.loc[f0, "thresholds"].tolist()
+    assert not np.allclose(before.loc[f0, "coverage"], after.loc[f0, "coverage"])   # read to score
+    assert before.loc[f1, "thresholds"].tolist() != after.loc[f1, "thresholds"].tolist()   # fold 1 calibrates on it
     bad_val = df.copy()
-    bad_val.loc[df["split"] == "val", "label"] = (df.loc[df["split"] == "val", "label"] + 1) % 3
-    assert not np.allclose(before["threshold"], conformal_folds(bad_val, cols, mondrian=True)["threshold"])
+    val = df["split"] == "val"
+    bad_val.loc[val, "label"] = (df.loc[val, "label"] + 1) % 3
+    bad_val.loc[val, cols] = rng.dirichlet(np.ones(3), size=int(val.sum()))
+    pd.testing.assert_frame_equal(before, conformal_folds(bad_val, cols, mondrian=True))
 
 
 def test_json_round_trip_is_strict_json_and_gives_the_same_sets():
@@ -216,7 +244,10 @@ def test_agrees_with_mapie_split_conformal_classifier(score):
                                  conformity_score=score, prefit=True, random_state=seed)
     m.conformalize(p[:400], y[:400])
     _, mapie_sets = m.predict_set(p[400:])                       # [N, C, levels]
-    ours = calibrate_conformal(p[:400], y[:400], levels, [score], seed=seed)
+    # MAPIE randomizes the calibration score as above + (1 - u) p with u from its random_state
+    # and always includes the last class when predicting: our non-randomized sets with u' = 1 - u
+    u = 1.0 - np.random.RandomState(seed).uniform(size=400)
+    ours = dataclasses.replace(calibrate_conformal(p[:400], y[:400], levels, [score], u=u), randomized=False)
     for i, level in enumerate(levels):
         np.testing.assert_array_equal(prediction_sets(p[400:], ours, score, level), mapie_sets[:, :, i])
     if score == "aps":   # the non-randomised score equals MAPIE's cumulated true-label mass
@@ -224,6 +255,33 @@ def test_agrees_with_mapie_split_conformal_classifier(score):
 
         cum, _ = APSConformityScore().get_true_label_cumsum_proba(y[:400], p[:400], np.arange(4))
         np.testing.assert_allclose(conformity_scores(p[:400], y[:400], "aps"), np.ravel(cum))
+
+
+def test_optimistic_selection_rows_do_not_break_coverage_on_test_rows():
+    """A fabricated trial whose validation rows are optimistic (a model that looks certain and
+    right on the rows that chose it) and whose out-of-fold rows are honest: sets cross-fitted on
+    out-of-fold rows still cover ~0.90 of test rows; sets calibrated on the validation rows, as
+    before this change, under-cover."""
+    rng = np.random.default_rng(21)
+    rows = []
+    for fold in range(5):
+        p, y = synthetic(rng, 200, c=3, miscalibrated=True)
+        rows.append(pd.DataFrame({"trial_id": "t", "fold": fold, "split": "test", "label": y,
+                                  "prob_a": p[:, 0], "prob_b": p[:, 1], "prob_c": p[:, 2]}))
+        yv = rng.integers(0, 3, 60)
+        pv = np.full((60, 3), 0.02)
+        pv[np.arange(60), yv] = 0.96                       # chosen because it looked perfect here
+        rows.append(pd.DataFrame({"trial_id": "t", "fold": fold, "split": "val", "label": yv,
+                                  "prob_a": pv[:, 0], "prob_b": pv[:, 1], "prob_c": pv[:, 2]}))
+    df = pd.concat(rows, ignore_index=True)
+    cols = ["prob_a", "prob_b", "prob_c"]
+    df["u"] = rng.uniform(size=len(df))
+    for score in ("lac", "aps"):
+        f = conformal_folds(df, cols, [0.9], [score])
+        assert abs(f["coverage"].mean() - 0.9) < 0.03, (score, f["coverage"].mean())
+    val, test = df[df["split"] == "val"], df[df["split"] == "test"]
+    naive = calibrate_conformal(val[cols].to_numpy(), val["label"].to_numpy(), [0.9], ["lac"])
+    assert set_metrics(prediction_sets(test[cols].to_numpy(), naive, "lac", 0.9), test["label"].to_numpy())["coverage"] < 0.8
 
 
 def test_conformal_summary_has_the_conformal_csv_columns():

@@ -175,6 +175,15 @@ def log_loss_of(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(log_loss(np.asarray(y_true), probs, labels=list(range(probs.shape[1]))))
 
 
+def brier_of(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Multiclass Brier score: mean over rows of ``sum_k (p_k - [y == k])^2``; NaN if empty."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs) == 0:
+        return float("nan")
+    onehot = np.eye(probs.shape[1])[np.asarray(y_true, dtype=int)]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
 def _prf_one(index: int) -> Callable:
     return lambda y, yp, probs, positive: _prf(y, yp, probs.shape[1], positive)[index]
 
@@ -191,4 +200,5 @@ SELECT_METRICS: dict[str, tuple[SelectFn, bool]] = {
     "f1": (_prf_one(2), True),
     "auc": (lambda y, yp, probs, positive: auc_score(y, probs, positive)[0], True),
     "loss": (lambda y, yp, probs, positive: log_loss_of(y, probs), False),
+    "brier": (lambda y, yp, probs, positive: brier_of(y, probs), False),
 }

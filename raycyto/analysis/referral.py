@@ -1,36 +1,32 @@
-"""Referral with a guarantee, per trial and fold, from validation predictions only.
+"""Referral with a guarantee, measured per trial and fold on rows that chose nothing.
 
-One fold of one trial is one trained model. For each, this module calibrates on that fold's
-``split == "val"`` rows of predictions.parquet and measures on its ``split == "test"`` rows:
+Every guarantee is cross-fitted (:mod:`raycyto.referral.fit`): for fold k of a trial it is
+calibrated on the other folds' out-of-fold test rows and measured on fold k's test rows;
+validation rows, which stopped training, fitted the temperature and ranked the
+configurations, calibrate nothing.
 
 - conformal prediction sets (:mod:`raycyto.referral.conformal`: LAC and APS at the configured
-  levels, optionally class-conditional) on the MC mean probabilities (``mc_mean_*``, what Serve
-  returns; ``prob_*`` for older files);
+  levels, marginal and class-conditional) on the MC mean probabilities (``mc_mean_*``, what
+  Serve returns; ``prob_*`` for older files);
 - the risk-controlled referral threshold (:mod:`raycyto.referral.risk`, binary tasks): the
   loosest MC vote-confidence threshold certified by learn-then-test to keep positive-class
   recall among the cases not referred >= ``mc.target_recall`` with probability
-  ``1 - mc.risk_delta``;
-- temperature scaling (:mod:`raycyto.referral.temperature`) with ECE before and after.
+  ``1 - mc.risk_delta``, and the highest recall certifiable at all.
 
-The report writes the measurements (conformal.csv, thresholds.csv) and ``raycyto export``
-stores :func:`calibrate_fold` of the exported fold in model.json (``referral``), so the
-threshold a report shows for a fold is the one Serve applies for it. Nothing here reads a
-test row before every threshold is fixed: :func:`calibrate_fold` receives validation rows
-only (tests corrupt the test rows and compare).
+The report writes the measurements (conformal.csv, thresholds.csv); ``raycyto export`` stores
+:func:`raycyto.referral.fit.calibrate_trial` (every fold's test rows) in model.json.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
 
-from raycyto.referral.conformal import (SCORES, ConformalCalibration, calibrate_conformal,
-                                        conformal_folds, conformal_summary)
-from raycyto.analysis.load import ExperimentError
+from raycyto.referral.conformal import SCORES, conformal_folds, conformal_summary
+from raycyto.referral.fit import levels_of, min_positives, oof_rows, probability_columns, with_uniforms
 
 if TYPE_CHECKING:  # pragma: no cover
     from raycyto.analysis.load import Experiment
@@ -39,160 +35,30 @@ if TYPE_CHECKING:  # pragma: no cover
 TOLERANCE = 0.05   # coverage within ± this of the nominal level counts as "on target"
 
 
-def mc_config(exp: "Experiment", target_recall: Optional[float] = None) -> "MCConfig":
-    """The sweep's ``mc`` section (config.yaml), with ``--target-recall`` applied.
-
-    Experiments written before a field existed get its default; ``mc.threshold`` comes from
-    experiment.json (what the sweep applied).
-
-    Raises:
-        ExperimentError: config.yaml's ``mc`` section is invalid (the field named).
-    """
-    import yaml
-
-    from raycyto.config import ConfigError, MCConfig, load_config
-
-    try:
-        raw = (yaml.safe_load(exp.config_text) or {}).get("mc") or {}
-    except yaml.YAMLError as exc:
-        raise ExperimentError(f"{exp.exp_dir}/config.yaml: not valid YAML ({exc})") from None
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(MCConfig)}
-    raw = {k: v for k, v in dict(raw).items() if k in known}
-    raw["threshold"] = float(exp.threshold)
-    if target_recall is not None:
-        raw["target_recall"] = float(target_recall)
-    try:
-        return load_config({"mc": raw}).mc
-    except ConfigError as exc:
-        field = "--target-recall" if target_recall is not None and "target_recall" in str(exc) else "config.yaml"
-        raise ExperimentError(f"{exp.exp_dir}: {field}: {exc}") from None
-
-
-def levels_of(mc: "MCConfig") -> tuple[float, ...]:
-    """Conformal levels to calibrate: ``mc.conformal_levels`` plus the served ``mc.coverage``."""
-    return tuple(sorted({*map(float, mc.conformal_levels), float(mc.coverage)}))
-
-
-def probability_columns(exp: "Experiment") -> tuple[list[str], str]:
-    """(columns, name) of the probabilities conformal sets use: the MC mean when the file has it."""
-    if set(exp.mc_mean_columns) <= set(exp.predictions.columns):
-        return exp.mc_mean_columns, "mc_mean"
-    return exp.prob_columns, "softmax"
-
-
-def min_positives(target: float, delta: float) -> int:
-    """Fewest positive validation cases that can certify ``target`` at all (no miss among them):
-    the smallest n with ``target ** n <= delta``."""
-    return int(math.ceil(math.log(delta) / math.log(target) - 1e-12))
-
-
-# ----------------------------------------------------------------------------- one fold
-
-
-@dataclass(frozen=True)
-class FoldCalibration:
-    """What one fold's validation rows fix (stored by export as model.json ``referral``).
-
-    Attributes:
-        trial_id, fold: the model.
-        n: validation cases used.
-        probabilities: ``mc_mean`` or ``softmax`` (what the sets and the temperature use).
-        conformal: split-conformal thresholds (both scores, every level).
-        temperature: fitted temperature with NLL/ECE before and after (on the same rows).
-        risk: binary tasks with a target: the learn-then-test recall guarantee, else None.
-    """
-
-    trial_id: str
-    fold: int
-    n: int
-    probabilities: str
-    conformal: ConformalCalibration
-    temperature: Any
-    risk: Any = None
-
-    def to_json(self, mc: "MCConfig", positive_name: str = "positive") -> dict[str, Any]:
-        """model.json ``referral``: the rule, the served set, the temperature and the guarantee."""
-        doc: dict[str, Any] = {
-            "rule": mc.refer_rule,
-            "calibrated_on": {"trial_id": self.trial_id, "fold": self.fold, "split": "val",
-                              "n": self.n, "probabilities": self.probabilities,
-                              "confidence": "mc_vote"},
-            "conformal": {"score": mc.conformal_score, "level": float(mc.coverage),
-                          "calibration": self.conformal.to_json()},
-            "temperature": self.temperature.to_json(),
-        }
-        if self.risk is not None:
-            doc["risk"] = {"threshold": None if not self.risk.certified else float(self.risk.threshold),
-                           "statement": self.risk.statement(positive_name),
-                           "guarantee": self.risk.to_json()}
-        return doc
-
-
-def fold_rows(exp: "Experiment", trial_id: str, fold: int, split: str) -> pd.DataFrame:
-    """The ``split`` rows of one trial's fold."""
-    p = exp.predictions
-    return p[(p["trial_id"] == str(trial_id)) & (p["fold"] == int(fold)) & (p["split"] == split)]
-
-
-def calibrate_rows(exp: "Experiment", val: pd.DataFrame, mc: "MCConfig", trial_id: str = "",
-                   fold: int = -1) -> FoldCalibration:
-    """Calibrate sets, temperature and (binary) the risk threshold on validation rows ``val``.
-
-    Raises:
-        ExperimentError: no validation rows, or a row that is not validation.
-    """
-    from raycyto.referral.temperature import fit_temperature
-    from raycyto.referral.risk import risk_controlled_threshold
-
-    if val.empty:
-        raise ExperimentError(f"{exp.exp_dir}: trial {trial_id} fold {fold} has no validation "
-                              "predictions to calibrate on")
-    if (val["split"] != "val").any():
-        raise ExperimentError("calibration was handed non-validation rows")   # a bug, never data
-    cols, source = probability_columns(exp)
-    probs = val[cols].to_numpy(dtype=float)                     # [N, C]
-    y = val["label"].to_numpy()
-    cal = calibrate_conformal(probs, y, levels_of(mc), SCORES, mondrian=mc.conformal_mondrian,
-                              source=f"{source} of trial {trial_id} fold {fold} (validation)")
-    temp = fit_temperature(y, probs=probs)
-    risk = None
-    if exp.binary and mc.target_recall is not None:
-        risk = risk_controlled_threshold(y, val["mc_label"].to_numpy(), val["mc_confidence"].to_numpy(),
-                                         exp.positive, mc.target_recall, mc.risk_delta)
-    return FoldCalibration(str(trial_id), int(fold), len(val), source, cal, temp, risk)
-
-
-def calibrate_fold(exp: "Experiment", trial_id: str, fold: int, mc: "MCConfig") -> FoldCalibration:
-    """:func:`calibrate_rows` on the validation rows of one trial's fold (the only rows read)."""
-    return calibrate_rows(exp, fold_rows(exp, trial_id, fold, "val"), mc, trial_id, fold)
-
-
 # ----------------------------------------------------------------------------- tables
 
 
 def conformal_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Conformal sets of every selected configuration: calibrated per fold on validation,
-    coverage measured on that fold's test rows.
+    """Conformal sets of every selected configuration, cross-fitted: for each fold, calibrated on
+    the other folds' out-of-fold test rows, coverage measured on that fold's test rows.
 
     Args:
         selection: :func:`raycyto.analysis.tables.selection_table`.
 
     Returns:
         (summary, folds). summary is conformal.csv: config, trial_id, best, level, score,
-        mondrian (binary tasks also get class-conditional rows), probabilities, coverage_mean, coverage_std, set_size_mean, singleton_rate,
+        mondrian (marginal and class-conditional rows), probabilities, coverage_mean,
+        coverage_std, set_size_mean, singleton_rate,
         empty_rate, coverage_<class>_mean, folds, n_calibration_mean, on_target (coverage
         within ±0.05 of the level); folds: one row per (config, fold, score, level, mondrian).
     """
     cols, source = probability_columns(exp)
-    preds = exp.predictions[exp.predictions["trial_id"].isin(selection["trial_id"])]
-    # marginal, and (binary tasks) class-conditional (Mondrian): coverage of the positive class
-    # on its own; with 5 classes a validation fold holds ~4 cases per class, too few for any level
-    modes = [False, True] if exp.binary else [False]
+    preds = exp.test_predictions[exp.test_predictions["trial_id"].isin(selection["trial_id"])]
+    preds = with_uniforms(exp, preds)
+    # marginal, and class-conditional (Mondrian): each class's coverage on its own
     parts = []
-    for mondrian in modes:
+    for mondrian in (False, True):
         f = conformal_folds(preds, cols, levels_of(mc), SCORES, mondrian=mondrian)
         if not f.empty:
             parts.append(f.assign(mondrian=mondrian))
@@ -224,14 +90,14 @@ def conformal_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
 
 
 def _fold_splits(exp: "Experiment", selection: pd.DataFrame):
-    """(selection row, fold, validation rows, test rows) of every selected trial's folds that
-    have validation rows."""
+    """(selection row, fold, calibration rows, test rows) of every selected trial's folds:
+    the calibration rows are the other folds' out-of-fold test rows (cross-fitting)."""
     for s in selection.itertuples(index=False):
-        trial = exp.predictions[exp.predictions["trial_id"] == s.trial_id]
-        for fold in sorted(trial["fold"].unique()):
-            val = trial[(trial["fold"] == fold) & (trial["split"] == "val")]
-            if not val.empty:
-                yield s, fold, val, trial[(trial["fold"] == fold) & (trial["split"] == "test")]
+        test = exp.test_predictions[exp.test_predictions["trial_id"] == s.trial_id]
+        for fold in sorted(test["fold"].unique()):
+            cal = test[test["fold"] != fold]
+            if not cal.empty:
+                yield s, fold, cal, test[test["fold"] == fold]
 
 
 def _kept_metrics(y: np.ndarray, pred: np.ndarray, conf: np.ndarray, threshold: float,
@@ -250,34 +116,39 @@ def risk_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
                exported: Optional[tuple[str, int]] = None) -> pd.DataFrame:
     """Risk-controlled referral per selected configuration and fold (binary tasks).
 
-    The threshold is chosen on the fold's validation rows (learn-then-test on the MC vote
-    confidence), then applied unchanged to its test rows, next to the configured vote
-    threshold (``mc.threshold``, the studies' rule).
+    The threshold is chosen on the other folds' out-of-fold rows (learn-then-test on the MC
+    vote confidence), then applied unchanged to the fold's test rows, next to the configured
+    vote threshold (``mc.threshold``, the studies' rule). ``certifiable_*``: the highest recall
+    target those rows certify at ``mc.risk_delta``, its threshold and its test referral rate.
 
     Args:
         exported: (trial_id, fold) that ``raycyto export`` picks, flagged ``exported``.
 
     Returns:
         thresholds.csv: config, trial_id, best, fold, exported, target, delta, threshold
-        (NaN: none certified, every case referred), certified, val_n, val_positives,
-        min_positives, val_referral_rate, val_recall_kept, p_value, test_n, test_referral_rate,
+        (NaN: none certified, every case referred), certified, cal_n, cal_positives,
+        min_positives, cal_referral_rate, cal_recall_kept, p_value, certifiable_recall,
+        certifiable_threshold, certifiable_test_referral_rate, certifiable_test_recall_kept,
+        test_n, test_referral_rate,
         test_recall_kept, test_accuracy_kept, test_positives_kept, test_met (recall among kept
         test cases >= target; NaN when no positive is kept), vote_threshold,
         vote_test_referral_rate, vote_test_recall_kept, statement.
     """
     if not exp.binary or mc.target_recall is None:
         return pd.DataFrame()
-    from raycyto.referral.risk import risk_controlled_threshold
+    from raycyto.referral.risk import certifiable_recall, risk_controlled_threshold
 
     rows = []
     pos_name = exp.class_names[exp.positive]
-    for s, fold, val, test in _fold_splits(exp, selection):
-        g = risk_controlled_threshold(val["label"].to_numpy(), val["mc_label"].to_numpy(),
-                                      val["mc_confidence"].to_numpy(), exp.positive,
-                                      mc.target_recall, mc.risk_delta)
+    for s, fold, cal, test in _fold_splits(exp, selection):
+        args = (cal["label"].to_numpy(), cal["mc_label"].to_numpy(), cal["mc_confidence"].to_numpy(dtype=float),
+                exp.positive)
+        g = risk_controlled_threshold(*args, mc.target_recall, mc.risk_delta)
+        best = certifiable_recall(*args, mc.risk_delta)
         y, pred = test["label"].to_numpy(), test["mc_label"].to_numpy()
         conf = test["mc_confidence"].to_numpy(dtype=float)
         at = _kept_metrics(y, pred, conf, g.threshold, exp.positive)
+        at_best = _kept_metrics(y, pred, conf, best.threshold if best else math.nan, exp.positive)
         vote = _kept_metrics(y, pred, conf, exp.threshold, exp.positive)
         met = at["recall_kept"] >= mc.target_recall - 1e-12 if not math.isnan(at["recall_kept"]) \
             else math.nan
@@ -285,10 +156,15 @@ def risk_table(exp: "Experiment", selection: pd.DataFrame, mc: "MCConfig",
             "config": s.config, "trial_id": s.trial_id, "best": bool(s.best), "fold": int(fold),
             "exported": exported == (s.trial_id, int(fold)),
             "target": mc.target_recall, "delta": mc.risk_delta, "threshold": g.threshold,
-            "certified": g.certified, "val_n": g.n, "val_positives": g.n_positive,
+            "certified": g.certified, "cal_n": g.n, "cal_positives": g.n_positive,
             "min_positives": min_positives(mc.target_recall, mc.risk_delta),
-            "val_referral_rate": g.referral_rate, "val_recall_kept": g.recall_kept,
-            "p_value": g.p_value, "test_n": len(test),
+            "cal_referral_rate": g.referral_rate, "cal_recall_kept": g.recall_kept,
+            "p_value": g.p_value,
+            "certifiable_recall": best.target if best else math.nan,
+            "certifiable_threshold": best.threshold if best else math.nan,
+            "certifiable_test_referral_rate": at_best["referral_rate"],
+            "certifiable_test_recall_kept": at_best["recall_kept"],
+            "test_n": len(test),
             **{f"test_{k}": v for k, v in at.items()}, "test_met": met,
             "vote_threshold": exp.threshold,
             "vote_test_referral_rate": vote["referral_rate"],
@@ -316,19 +192,21 @@ def risk_summary(thresholds: pd.DataFrame) -> pd.DataFrame:
         "risk_met_folds": met.groupby("trial_id", sort=False)["_m"].sum().astype(int),
         "risk_tested_folds": met.groupby("trial_id", sort=False)["_m"].count().astype(int),
         "vote_referral_rate_mean": g["vote_test_referral_rate"].mean(),
+        "certifiable_recall_mean": g["certifiable_recall"].mean(),
+        "certifiable_referral_rate_mean": g["certifiable_test_referral_rate"].mean(),
     }).reset_index()
 
 
 def empirical_thresholds(exp: "Experiment", selection: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Multiclass ``--target-recall``: the smallest MC threshold whose kept validation cases
-    reach ``target`` macro recall (no guarantee: the empirical choice), per configuration and
-    fold, applied to that fold's test rows."""
+    """Multiclass ``--target-recall``: the smallest MC threshold whose kept calibration cases
+    (the other folds' out-of-fold rows) reach ``target`` macro recall (no guarantee: the
+    empirical choice), per configuration and fold, applied to that fold's test rows."""
     from raycyto.analysis.uncertainty import apply_threshold, smallest_threshold_for_recall
 
     rows = []
-    for s, fold, val, test in _fold_splits(exp, selection):
-        ch = smallest_threshold_for_recall(val["label"].to_numpy(), val["mc_label"].to_numpy(),
-                                           val["mc_confidence"].to_numpy(), target,
+    for s, fold, cal, test in _fold_splits(exp, selection):
+        ch = smallest_threshold_for_recall(cal["label"].to_numpy(), cal["mc_label"].to_numpy(),
+                                           cal["mc_confidence"].to_numpy(), target,
                                            exp.num_classes, exp.positive)
         applied = apply_threshold(test["label"].to_numpy(), test["mc_label"].to_numpy(),
                                   test["mc_confidence"].to_numpy(), ch.threshold,
@@ -336,7 +214,7 @@ def empirical_thresholds(exp: "Experiment", selection: pd.DataFrame, target: flo
         rows.append({"config": s.config, "trial_id": s.trial_id, "best": bool(s.best),
                      "fold": int(fold), "target": target, "threshold": ch.threshold,
                      "certified": False, "method": "empirical (no guarantee): macro recall",
-                     "val_referral_rate": ch.referral_rate, "val_recall_kept": ch.recall_kept,
+                     "cal_referral_rate": ch.referral_rate, "cal_recall_kept": ch.recall_kept,
                      **{f"test_{k}": applied.get(k, math.nan)
                         for k in ("referral_rate", "recall_kept", "accuracy_kept")}})
     return pd.DataFrame(rows)
@@ -476,13 +354,6 @@ def selective_table(exp: "Experiment", selection: pd.DataFrame,
     out.insert(0, "config", out["trial_id"].map(meta["config"]))
     out.insert(2, "best", out["trial_id"].map(meta["best"]).astype(bool))
     return out, long
-
-
-def with_rule(mc: "MCConfig", **changes: Any) -> "MCConfig":
-    """``mc`` with fields replaced and checked (``refer_rule``, ``threshold``...)."""
-    from raycyto.config import load_config, to_dict
-
-    return load_config({"mc": {**to_dict(mc), **changes}}).mc if changes else replace(mc)
 
 
 def level_label(level: float) -> str:

@@ -89,9 +89,9 @@ class _Report:
     """Everything computed once for one report (tables, the exported fold, the headline)."""
 
     def __init__(self, exp: Experiment, select: str | None, target_recall: float | None) -> None:
-        from raycyto.analysis.referral import (calibrate_fold, conformal_table, empirical_thresholds,
-                                               mc_config, risk_summary, risk_table, selective_table,
-                                               strata_table)
+        from raycyto.analysis.referral import (conformal_table, empirical_thresholds, risk_summary,
+                                               risk_table, selective_table, strata_table)
+        from raycyto.referral.fit import calibrate_trial, mc_config
         from raycyto.analysis.selection import best_fold
 
         self.exp = exp
@@ -101,7 +101,7 @@ class _Report:
         self.selection = selection_table(exp, self.rule)
         self.best = select_best(exp, self.rule)
         self.exported_fold = best_fold(exp, self.rule, self.best["trial_id"])[0]
-        self.calibration = calibrate_fold(exp, self.best["trial_id"], self.exported_fold, self.mc)
+        self.calibration = calibrate_trial(exp, self.best["trial_id"], self.mc, self.exported_fold)
         self.conformal, self.conformal_folds = conformal_table(exp, self.selection, self.mc)
         if exp.binary:
             self.thresholds = risk_table(exp, self.selection, self.mc,
@@ -173,7 +173,8 @@ class _Report:
                         guarantee=self.guarantee_text(), warnings=tuple(warnings))
 
     def referral_text(self, best: pd.Series) -> tuple[str, ...]:
-        from raycyto.analysis.referral import coverage_sentence, min_positives
+        from raycyto.analysis.referral import coverage_sentence
+        from raycyto.referral.fit import min_positives
 
         exp, mc = self.exp, self.mc
         parts = []
@@ -192,34 +193,41 @@ class _Report:
             goal = (f"{pos} recall \u2265 {mc.target_recall:.0%} among kept cases with "
                     f"{1 - mc.risk_delta:.0%} confidence")
             if not rows["certified"].any():
-                most, need = int(rows["val_positives"].max()), min_positives(mc.target_recall, mc.risk_delta)
+                most, need = int(rows["cal_positives"].max()), min_positives(mc.target_recall, mc.risk_delta)
                 why = (f"{most} {pos} cases at most, and at least {need} are needed even with no miss"
                        if most < need else f"the {pos} cases the model misses on validation are too many "
                        "for that target")
-                parts.append(f"Risk-controlled threshold ({goal}): no fold's validation set can certify "
+                parts.append(f"Risk-controlled threshold ({goal}): no fold's calibration rows can certify "
                              f"it ({why}), so this rule refers every case.")
             else:
                 tested = rows["test_met"].notna()
-                parts.append(f"Risk-controlled threshold ({goal}, chosen per fold on validation): refers "
+                parts.append(f"Risk-controlled threshold ({goal}, calibrated per fold on the other folds' "
+                             "out-of-fold rows): refers "
                              f"{rows['test_referral_rate'].mean():.0%} \u00b1 "
                              f"{np.nan_to_num(rows['test_referral_rate'].std()):.0%} of test cases; "
                              f"{pos} recall among kept test cases {rows['test_recall_kept'].mean():.2f}, "
                              f"target met on {int(rows.loc[tested, 'test_met'].astype(bool).sum())} of "
                              f"{int(tested.sum())} test folds ({int(rows['certified'].sum())} of "
                              f"{len(rows)} folds certified a threshold).")
+            if rows["certifiable_recall"].notna().any():
+                parts.append(f"The highest {pos} recall certifiable at {1 - mc.risk_delta:.0%} confidence: "
+                             f"{rows['certifiable_recall'].mean():.2f} on average over the folds "
+                             f"(referring {rows['certifiable_test_referral_rate'].mean():.0%} of test cases; "
+                             f"{pos} recall among kept test cases {rows['certifiable_test_recall_kept'].mean():.2f}).")
         cov = coverage_sentence(self.conformal, best["trial_id"], float(mc.coverage), mc.conformal_score)
         if cov:
             parts.append(cov)
+        kept = "exactly the negative class" if mc.set_keep == "negative" else "a single class"
         rule = {"vote": f"refer when the vote confidence is below {exp.threshold:g}",
                 "set": f"refer when the {mc.conformal_score.upper()} prediction set at {mc.coverage:g} is "
-                       "not a single class", "risk": "refer below the risk-controlled threshold"}[mc.refer_rule]
+                       f"not {kept}", "risk": "refer below the risk-controlled threshold"}[mc.refer_rule]
         parts.append(f"The exported model's rule (mc.refer_rule: {mc.refer_rule}): {rule}.")
         guard = self.guard_meta()
         if guard:
             parts.append("Whatever the rule, an image unlike the training images is referred as "
                          "out of distribution: its backbone features are further from every class than "
-                         f"{1 - float(guard.get('false_alarm_rate') or 0.05):.0%} of the validation images "
-                         "(Mahalanobis distance; threshold set on the exported fold's validation images).")
+                         f"{1 - float(guard.get('false_alarm_rate') or 0.05):.0%} of the calibration images "
+                         f"(Mahalanobis distance; {guard.get('calibrated_by') or 'threshold set by the sweep'}).")
         return tuple(parts)
 
     def guard_meta(self) -> dict:
@@ -237,15 +245,23 @@ class _Report:
         from raycyto.analysis.referral import level_label
 
         exp, mc, cal = self.exp, self.mc, self.calibration
-        where = f"fold {cal.fold}, the one `raycyto export` exports, on its {cal.n} validation cases"
         parts = []
         if cal.risk is not None:
-            parts.append(f"{cal.risk.statement(exp.class_names[exp.positive])} (Fold {cal.fold}, the one "
-                         "`raycyto export` exports.)")
-        parts.append(f"The {mc.conformal_score.upper()} prediction set at level {level_label(mc.coverage)} "
-                     f"holds the true class for at least {level_label(mc.coverage)} of new cases like the "
-                     f"calibration cases, on average (split conformal, {where}"
-                     f"{'; per class' if mc.conformal_mondrian else ''}).")
+            pos = exp.class_names[exp.positive]
+            parts.append(cal.risk.statement(pos))
+            if cal.certifiable is not None:
+                parts.append(f"Highest {pos} recall certifiable at {1 - mc.risk_delta:.0%} confidence: "
+                             f"{cal.certifiable.target:.2f}, keeping cases with confidence \u2265 "
+                             f"{cal.certifiable.threshold:g} (referring {cal.certifiable.referral_rate:.0%} of "
+                             "the calibration cases).")
+        per_class = "for each class separately (Mondrian)" if mc.conformal_mondrian else "on average"
+        randomized = " (randomized per image)" if mc.conformal_score == "aps" else ""
+        parts.append(f"The {mc.conformal_score.upper()} prediction set{randomized} at level "
+                     f"{level_label(mc.coverage)} holds the true class for {level_label(mc.coverage)} of "
+                     f"new cases like the calibration cases, {per_class}.")
+        parts.append(f"Calibrated on: {cal.rows}; never on validation rows, which stopped training, "
+                     "picked the probe's C, fitted the temperature "
+                     f"({cal.temperature_on or 'not fitted'}) and ranked the configurations.")
         return tuple(parts)
 
     # ------------------------------------------------------------------ figures
@@ -290,7 +306,7 @@ class _Report:
                                   & (~self.conformal["mondrian"].astype(bool))] if len(self.conformal) else []
             if len(rows):
                 key.append(("conformal_coverage.png", f"prediction sets, {cfg}: test coverage against "
-                            "the nominal level (calibrated per fold on validation)",
+                            "the nominal level (cross-fitted: calibrated on the other folds' out-of-fold rows)",
                             lambda: plots.conformal_coverage_plot(rows, f"{cfg}: conformal prediction sets",
                                                                   out / "conformal_coverage.png")))
             if len(self.strata):
@@ -372,8 +388,9 @@ KEY_COLUMNS = {
                 "auc_mean", "referral_rate_mean", "aurc_mean", "ece_mean", "ece_temp_mean",
                 "set_coverage_mean", "set_size_mean", "risk_referral_rate_mean", "risk_recall_kept_mean"),
     "conformal": ("config", "level", "score", "mondrian", "coverage_mean", "coverage_std",
-                  "set_size_mean", "singleton_rate", "on_target"),
-    "thresholds": ("config", "fold", "exported", "threshold", "certified", "test_referral_rate",
+                  "set_size_mean", "singleton_rate", "n_calibration_mean", "on_target"),
+    "thresholds": ("config", "fold", "exported", "cal_n", "threshold", "certified", "certifiable_recall",
+                   "test_referral_rate",
                    "test_recall_kept", "test_met", "vote_test_referral_rate", "vote_test_recall_kept"),
     "selective": ("config", "score", "aurc_mean", "aurc_std", "e_aurc_mean", "risk_mean"),
     "strata": ("config", "column", "value", "n", "accuracy_mean", "accuracy_std", "recall_mean",
@@ -447,15 +464,19 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
                 key_columns=KEY_COLUMNS["summary"]),
         Section("prediction sets (conformal.csv): coverage on test folds vs the nominal level",
                 r.conformal, is_best(r.conformal),
-                "calibrated per fold on its validation rows, measured on its test rows; mondrian: "
-                "one threshold per class; on_target: coverage within \u00b10.05 of the level",
+                "cross-fitted: for each fold, calibrated on the other folds' out-of-fold test rows "
+                "(n_calibration_mean) and measured on its own test rows; validation rows calibrate "
+                "nothing; mondrian: one threshold per class; coverage_<class>: coverage among that "
+                "class's cases; on_target: coverage within \u00b10.05 of the level",
                 key_columns=KEY_COLUMNS["conformal"]),
     ]
     if "thresholds" in tables:
         t = tables["thresholds"]
-        note = ("learn-then-test per fold on validation, applied unchanged to the fold's test rows; "
+        note = ("learn-then-test per fold on the other folds' out-of-fold rows, applied unchanged to "
+                "the fold's test rows; certifiable_recall: the highest target those rows certify; "
                 "exported: the fold `raycyto export` stores" if exp.binary else
-                "empirical: the smallest threshold reaching the target on validation (no guarantee)")
+                "empirical: the smallest threshold reaching the target on the other folds' out-of-fold "
+                "rows (no guarantee)")
         sections.append(Section("referral thresholds (thresholds.csv)", t, is_best(t), note,
                                 key_columns=KEY_COLUMNS["thresholds"]))
     sections.append(Section("confidence scores compared (selective.csv): AURC, lower is better",

@@ -14,11 +14,24 @@ Rules (``SelectionRule.parse``):
   the floor. Raw recall alone would reward calling every case positive; such a classifier
   has specificity 0 and is refused.
 
-Default: the sweep's search metric (``experiment.json["search_metric"]``, e.g. ``val_accuracy``).
+- ``"loss+1se"`` (any metric, ``+1se``): the one-standard-error rule on fold-paired
+  differences. Every configuration, the linear probe included, is compared with the best one
+  fold by fold; those whose mean fold difference is within one standard error of it (the std
+  of the K differences / sqrt(K)) cannot be told apart from it, and the simplest of them wins:
+  the probe, then frozen heads, then deeper fine-tuning (:func:`complexity`); the better score
+  among equals. With ~19 validation images a fold, accuracy moves in steps of 0.05 and ranks
+  30 configurations mostly by noise; the log loss is a proper scoring rule that every image
+  moves a little, and the rule exports the probe when no trained head beats it beyond noise.
+
+Default (:data:`DEFAULT_RULE`): ``loss+1se``, measured against validation accuracy, log loss
+and the Brier score on the test folds of three seeds of both demos
+(``benchmarks/selection_rules.py``; docs/ARCHITECTURE.md). ``--select val_accuracy`` gives the
+sweep's search metric as before.
 
 Ties, in order: higher score; a configuration with MC dropout (its confidence can refer
-cases) before one without; lower validation loss; trial id. Baselines (the linear probe)
-are ranked but never chosen: they are what the trained heads are compared with.
+cases) before one without; lower validation loss; trial id. Under a plain metric, baselines
+(the linear probe) are ranked but never chosen: they are what the trained heads are compared
+with; under ``+1se`` the probe is a candidate like any other.
 """
 
 from __future__ import annotations
@@ -37,6 +50,10 @@ from raycyto.errors import RaycytoError
 if TYPE_CHECKING:  # pragma: no cover
     from raycyto.analysis.load import Experiment
 
+#: The rule the report highlights and ``raycyto export`` exports when none is given.
+DEFAULT_RULE = "loss+1se"
+#: Simplicity tiers of the one-SE rule: the probe, then each fine-tuning mode in this order.
+COMPLEXITY = ("probe", "frozen", "last1", "last2", "full")
 _CONSTRAINED = re.compile(r"^(?P<m>[a-z0-9_]+)@(?P<c>[a-z0-9_]+)>=(?P<f>[0-9.]+)$")
 FLOOR_METRICS = ("specificity", "precision")
 
@@ -53,11 +70,13 @@ class SelectionRule:
         metric: a key of ``SELECT_METRICS`` (``accuracy``, ``recall``, ``auc``, ``loss``...).
         floor_metric: constrained rule only: ``specificity`` or ``precision``.
         floor: the value ``floor_metric`` must reach (fold mean).
+        one_se: the one-standard-error rule toward simpler configurations (the probe included).
     """
 
     metric: str
     floor_metric: Optional[str] = None
     floor: Optional[float] = None
+    one_se: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "SelectionRule":
@@ -67,6 +86,11 @@ class SelectionRule:
             SelectionError: unknown metric or malformed constraint (the message lists the choices).
         """
         t = str(text).strip().lower().replace(" ", "")
+        if t.endswith("+1se"):
+            inner = cls.parse(t.removesuffix("+1se"))
+            if inner.floor_metric or inner.one_se:
+                raise SelectionError(f"--select {text!r}: +1se takes a plain metric, e.g. 'loss+1se'")
+            return cls(inner.metric, one_se=True)
         m = _CONSTRAINED.match(t)
         if m:
             metric, floor_metric, floor = m["m"].removeprefix("val_"), m["c"], m["f"]
@@ -88,8 +112,8 @@ class SelectionRule:
 
     @classmethod
     def default(cls, exp: "Experiment") -> "SelectionRule":
-        """The sweep's search metric (what Tune optimised), else validation accuracy."""
-        return cls.parse(exp.meta.get("search_metric") or exp.meta.get("select_metric") or "accuracy")
+        """:data:`DEFAULT_RULE` (the search metric only drives Tune's sampler)."""
+        return cls.parse(DEFAULT_RULE)
 
     @property
     def higher_is_better(self) -> bool:
@@ -98,7 +122,7 @@ class SelectionRule:
     def __str__(self) -> str:
         if self.floor_metric:
             return f"{self.metric}@{self.floor_metric}>={self.floor:g}"
-        return self.metric
+        return f"{self.metric}+1se" if self.one_se else self.metric
 
     def describe(self) -> str:
         """One line for reports: what the rule does."""
@@ -106,6 +130,10 @@ class SelectionRule:
             return (f"highest validation {self.metric} among configurations whose validation "
                     f"{self.floor_metric} is at least {self.floor:g} (fold means)")
         best = "highest" if self.higher_is_better else "lowest"
+        if self.one_se:
+            return (f"the simplest configuration (linear probe, then frozen heads, then fine-tuning) whose "
+                    f"validation {self.metric} is within one standard error of the {best} (fold-paired "
+                    "differences)")
         return f"{best} validation {self.metric} (fold mean)"
 
     def check(self, exp: "Experiment") -> None:
@@ -190,6 +218,40 @@ def rank_trials(table: pd.DataFrame, rule: SelectionRule) -> pd.DataFrame:
                          _m=~table["mc_dropout"].astype(bool),
                          _l=pd.to_numeric(table["val_loss"], errors="coerce"))
     return order.sort_values(["_s", "_m", "_l", "trial_id"], na_position="last").drop(columns=["_s", "_m", "_l"])
+
+
+def complexity(row: pd.Series) -> int:
+    """Simplicity tier of a configuration (:data:`COMPLEXITY`): 0 for a baseline (the probe)."""
+    if bool(row.get("baseline", False)):
+        return 0
+    ft = str(row.get("finetune", "frozen"))
+    return COMPLEXITY.index(ft) if ft in COMPLEXITY else len(COMPLEXITY)
+
+
+def one_se_choice(exp: "Experiment", rule: SelectionRule, candidates: pd.DataFrame) -> str:
+    """The trial the one-SE rule picks among ``candidates`` (rows with trial_id, score,
+    baseline, finetune, mc_dropout, val_loss; best first by :func:`rank_trials`).
+
+    The best-scoring candidate is the reference; a candidate qualifies when its mean fold-paired
+    difference from it (worse = positive) is at most the standard error of those differences.
+    The simplest qualifying one wins, the better score among equals.
+    """
+    folds = fold_scores(exp, rule).pivot_table(index="fold", columns="trial_id", values="value")
+    usable = candidates[candidates["score"].notna()]
+    if usable.empty:
+        return str(candidates["trial_id"].iloc[0])
+    ref = str(usable["trial_id"].iloc[0])
+    sign = -1.0 if rule.higher_is_better else 1.0
+    qualifying = []
+    for i, (_, row) in enumerate(usable.iterrows()):
+        t = str(row["trial_id"])
+        if t not in folds or ref not in folds:
+            continue
+        d = (sign * (folds[t] - folds[ref])).dropna()          # [K] worse = positive
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        if t == ref or (len(d) and float(d.mean()) <= se + 1e-12):
+            qualifying.append((complexity(row), i, t))
+    return min(qualifying)[2] if qualifying else ref
 
 
 def best_trial(exp: "Experiment", rule: SelectionRule) -> pd.Series:

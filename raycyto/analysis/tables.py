@@ -17,7 +17,7 @@ import pandas as pd
 
 from raycyto.analysis.load import CELL, Experiment, ExperimentError
 from raycyto.analysis.metrics import SUMMARY_METRICS, classification_metrics, per_class_metrics
-from raycyto.analysis.selection import SelectionRule, rank_trials, trial_scores
+from raycyto.analysis.selection import SelectionRule, one_se_choice, rank_trials, trial_scores
 from raycyto.analysis.uncertainty import (apply_threshold, expected_calibration_error,
                                           referral_at, smallest_threshold_for_recall, top_label)
 
@@ -66,8 +66,11 @@ def selection_table(exp: Experiment, rule: Rule = None) -> pd.DataFrame:
     table.insert(0, "config", [config_name(*r) for r in table[CELL].itertuples(index=False)])
     table["select_metric"] = str(rule)
     table["val_score"] = table["score"]
-    trained = table[~table["baseline"].astype(bool) & table["score"].notna()]
-    table["best"] = table["trial_id"] == (trained["trial_id"].iloc[0] if len(trained) else None)
+    if rule.one_se:   # the probe is a candidate too
+        table["best"] = table["trial_id"] == one_se_choice(exp, rule, table)
+    else:
+        trained = table[~table["baseline"].astype(bool) & table["score"].notna()]
+        table["best"] = table["trial_id"] == (trained["trial_id"].iloc[0] if len(trained) else None)
     cols = ["config", *CELL, "trial_id", "lr", "batch_size", "samples", "select_metric",
             "val_score", "baseline", "mc_dropout", "best"]
     exp.cache[key] = table[cols].reset_index(drop=True)

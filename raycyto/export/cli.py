@@ -29,8 +29,8 @@ def export(
                                              "risk (risk-controlled threshold; binary) (default mc.refer_rule)"),
 ) -> None:
     """Export the configuration the report calls best (chosen on validation folds) as a servable bundle,
-    with its referral calibration (prediction sets, temperature, risk-controlled threshold) fitted on
-    the exported fold's validation predictions.
+    with its referral calibration (prediction sets, risk-controlled threshold) on the trial's
+    out-of-fold test predictions: rows that chose nothing.
 
     Example: raycyto export runs/demo --select auc --refer-rule risk --target-recall 0.9
     """
@@ -51,11 +51,15 @@ def export(
                f"balanced accuracy {test.get('balanced_accuracy', float('nan')):.3f} -> {path}")
     referral = meta.get("referral")
     if referral is None:
-        typer.echo("referral: vote rule only (no validation rows to calibrate prediction sets on)")
+        typer.echo("referral: vote rule only (no out-of-fold rows to calibrate prediction sets on)")
         return
-    conf = referral["conformal"]
+    conf, cal = referral["conformal"], referral["calibrated_on"]
     typer.echo(f"referral rule: {referral['rule']}; vote threshold {meta['mc']['threshold']:g}; prediction set "
-               f"{conf['score']} at {conf['level']:g} (calibrated on {referral['calibrated_on']['n']} validation "
-               f"cases); temperature {referral['temperature']['temperature']:.3g}")
+               f"{conf['score']} at {conf['level']:g}{' per class' if conf['calibration']['mondrian'] else ''} "
+               f"(calibrated on {cal['n']} {cal.get('rows', 'validation rows')}); temperature "
+               f"{referral['temperature']['temperature']:.3g}")
     if "risk" in referral:
         typer.echo(f"risk-controlled threshold: {referral['risk']['statement']}")
+        best = referral["risk"].get("certifiable")
+        typer.echo(f"highest certifiable recall: {best['statement']}" if best else
+                   "highest certifiable recall: none (too few positive out-of-fold cases)")

@@ -1,17 +1,19 @@
 """``raycyto export``: write the configuration the report calls best as a servable bundle.
 
 Selection is :mod:`raycyto.analysis.selection`'s one rule, the same the report highlights
-(``--select`` on both commands; default: the sweep's search metric), on validation data only:
-1. the trial: the best trained configuration (baselines such as the linear probe only when
-   named with ``--trial``);
+(``--select`` on both commands; default ``loss+1se``), on validation data only:
+1. the trial: the configuration the rule picks: under the default one-SE rule the linear probe
+   when no trained head beats it beyond noise (a probe bundle serves like any other);
 2. the fold: among that trial's folds, the best validation value under the same rule (ties:
    lower validation loss, then the lowest fold). The fold checkpoint *is* its best epoch.
 
 ``model.json["referral"]`` is what Serve refers by (:func:`referral_for_export`): the rule
 (``mc.refer_rule``: ``vote``, ``set`` or ``risk``), the split-conformal thresholds of the
-prediction set, the temperature and, for binary tasks, the risk-controlled threshold with its
-guarantee, all fitted on the exported fold's validation rows of predictions.parquet (never its
-test rows), on the MC mean probabilities Serve returns.
+prediction set and, for binary tasks, the risk-controlled threshold with its guarantee and the
+highest certifiable recall, all calibrated on the trial's out-of-fold test rows
+(:mod:`raycyto.referral.fit`: rows that took no part in training, early stopping, temperature
+fitting or selection), on the MC mean probabilities Serve returns; the temperature (reported
+only) on the exported fold's validation rows.
 
 ``model.json["metrics"]`` carries the exported fold's own validation and test metrics
 (recomputed from predictions.parquet), and the trial's fold means labelled as such. The
@@ -35,6 +37,7 @@ import pandas as pd
 from raycyto.config import METRICS
 from raycyto.data.decode import is_uri
 from raycyto.errors import ConfigError, RaycytoError
+from raycyto.referral.fit import CalibrationError, calibrate_trial, mc_config, with_rule
 from raycyto.storage import copy_tree
 
 
@@ -80,25 +83,23 @@ def default_model_dir(exp_dir: str | Path) -> Path:
 
 def referral_for_export(exp: Any, trial_id: str, fold: int, target_recall: float | None = None,
                         refer_rule: str | None = None) -> dict[str, Any] | None:
-    """model.json ``referral`` of one trial's fold, fitted on that fold's validation rows only:
-    the rule, the conformal thresholds of the served set, the temperature and (binary tasks)
-    the risk-controlled threshold with its guarantee (:mod:`raycyto.analysis.referral`).
+    """model.json ``referral`` of one trial (fold ``fold`` exported): the rule, the conformal
+    thresholds of the served set and (binary tasks) the risk-controlled threshold with its
+    guarantee, calibrated on the trial's out-of-fold test rows; the temperature on ``fold``'s
+    validation rows (:mod:`raycyto.referral.fit`).
 
     Args:
         target_recall: overrides ``mc.target_recall`` (``--target-recall``, as on ``report``).
         refer_rule: overrides ``mc.refer_rule`` (``--refer-rule``).
 
     Returns:
-        The JSON; None when the fold has no validation rows and the rule is ``vote`` (the
-        bundle then serves without prediction sets).
+        The JSON; None when the trial has no test rows and the rule is ``vote`` (the bundle
+        then serves without prediction sets).
 
     Raises:
         ConfigError: a rule the task cannot use (``risk`` on a multiclass task), or a rule
             that needs a calibration the fold cannot give.
     """
-    from raycyto.analysis.load import ExperimentError
-    from raycyto.analysis.referral import calibrate_fold, mc_config, with_rule
-
     mc = mc_config(exp, target_recall if exp.binary else None)
     if refer_rule is not None:
         try:
@@ -111,9 +112,11 @@ def referral_for_export(exp: Any, trial_id: str, fold: int, target_recall: float
                           "use 'set' or 'vote'")
     if target_recall is not None and not exp.binary:
         raise ConfigError("--target-recall", "the risk-controlled threshold needs a binary task")
+    if mc.set_keep == "negative" and not exp.binary:
+        raise ConfigError("mc.set_keep", "'negative' needs a binary task with a positive class; use 'single'")
     try:
-        cal = calibrate_fold(exp, trial_id, fold, mc)
-    except ExperimentError:
+        cal = calibrate_trial(exp, trial_id, mc, temperature_fold=fold)
+    except CalibrationError:
         if mc.refer_rule == "vote":
             return None
         raise
@@ -186,8 +189,8 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
             ``runs/demo/model`` for a main-job folder, else ``EXP_DIR/model``), or an
             object-store URI (``s3://bucket/models/x``, as a string): the verified bundle is
             written locally, then copied there.
-        select: the selection rule (default: the sweep's search metric); the report's ``--select``.
-        trial: export this trial id instead (the only way to export a baseline such as the probe).
+        select: the selection rule (default ``loss+1se``); the report's ``--select``.
+        trial: export this trial id instead (e.g. a probe ``probe-<backbone>`` the rule did not pick).
         target_recall: recall target of the risk-controlled threshold (binary tasks; default
             ``mc.target_recall``), the report's ``--target-recall``.
         threshold: the vote threshold Serve applies (default: the sweep's ``mc.threshold``).

@@ -9,13 +9,15 @@ Scores (a larger score = a less plausible label), for probabilities ``p`` ``[C]`
 
 - ``lac`` (least ambiguous set-valued classifier, Sadinle et al. 2019): ``s(x, y) = 1 - p_y``;
   the set is ``{k : 1 - p_k <= q_k}``. Smallest sets on average.
-- ``aps`` (adaptive prediction sets, Romano et al. 2020): ``s(x, y) = above_y + (1 - u) p_y``
-  with ``above_y`` the probability mass of the classes more probable than ``y`` and ``u``
-  uniform on [0, 1] (drawn once per calibration case from ``seed``); the set is
-  ``{k : above_k <= q_k}``, i.e. classes in decreasing probability up to and including
-  the one whose cumulative mass reaches ``q``. Randomising the calibration score and
-  including that last class at prediction time is MAPIE 1.x's ``aps`` with
-  ``include_last_label=True``; prediction stays deterministic. Sets are never empty.
+- ``aps`` (adaptive prediction sets, Romano et al. 2020): ``s(x, y) = above_y + u p_y`` with
+  ``above_y`` the probability mass of the classes more probable than ``y`` and ``u`` uniform on
+  [0, 1]. Randomized (the default of :func:`calibrate_conformal`): one ``u`` per image, drawn
+  from the SHA-256 of the image's bytes (:func:`image_uniform`), for calibration and
+  prediction alike; the set is ``{k : above_k + u p_k <= q_k}``, so one image always gets the
+  same set and coverage is ``level`` on average, not more (the set may then be empty: no class
+  is plausible, and the ``set`` rule refers it). Non-randomized (``randomized=False``, bundles
+  exported before this option): ``{k : above_k <= q_k}``, the last class always enters (MAPIE
+  1.x ``include_last_label=True``), which covers 0.98-0.99 at a 0.90 level on these tasks.
 
 The threshold ``q`` is the ``ceil((n + 1) * level)``-th smallest calibration score (the
 split-conformal order statistic, as ``mapie.utils._compute_classification_quantile``);
@@ -33,6 +35,7 @@ follow the same definitions; ``tests/test_analysis_conformal.py`` checks them ag
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -70,6 +73,12 @@ def _check_scores(scores: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
+def image_uniform(data: bytes) -> float:
+    """The APS randomisation of one image: a uniform on [0, 1) from the SHA-256 of its bytes
+    (the same image always gets the same draw, and so the same prediction set)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2.0 ** 64
+
+
 def mass_above(probs: np.ndarray) -> np.ndarray:
     """Probability mass of the strictly more probable classes, per class.
 
@@ -100,7 +109,8 @@ def conformity_scores(probs: np.ndarray, labels: np.ndarray, score: str,
     Args:
         probs: [N, C]; labels: [N] ints.
         score: ``"lac"`` or ``"aps"``.
-        u: [N] uniforms for ``aps`` (zeros = the non-randomised score).
+        u: [N] uniforms for ``aps``: the score is ``above_y + u p_y``; None = ``u = 1``
+            (the non-randomized score, the probability mass up to and including ``y``).
 
     Returns:
         [N] scores.
@@ -111,26 +121,29 @@ def conformity_scores(probs: np.ndarray, labels: np.ndarray, score: str,
     if score == "lac":
         return 1.0 - p[rows, y]
     if score == "aps":
-        u = np.zeros(len(y)) if u is None else np.asarray(u, dtype=float)
-        return mass_above(p)[rows, y] + (1.0 - u) * p[rows, y]
+        u = np.ones(len(y)) if u is None else np.asarray(u, dtype=float)
+        return mass_above(p)[rows, y] + u * p[rows, y]
     raise RaycytoError(f"conformal score {score!r} unknown; choose from {list(SCORES)}")
 
 
-def inclusion_statistic(probs: np.ndarray, score: str) -> np.ndarray:
+def inclusion_statistic(probs: np.ndarray, score: str, u: np.ndarray | None = None) -> np.ndarray:
     """The per-class statistic compared with the threshold: class k is in the set when
     ``stat[:, k] <= q_k``.
 
     Args:
         probs: [N, C].
+        u: [N] uniforms (randomized APS: ``above_k + u p_k``); None: the mass above each class.
 
     Returns:
-        [N, C]: ``1 - p`` for ``lac``, the mass above each class for ``aps``.
+        [N, C]: ``1 - p`` for ``lac``; for ``aps`` the mass above each class, plus ``u p_k``
+        when randomized.
     """
     p = _check_probs(probs)
     if score == "lac":
         return 1.0 - p
     if score == "aps":
-        return mass_above(p)
+        above = mass_above(p)
+        return above if u is None else above + np.asarray(u, dtype=float)[:, None] * p
     raise RaycytoError(f"conformal score {score!r} unknown; choose from {list(SCORES)}")
 
 
@@ -167,7 +180,8 @@ class ConformalCalibration:
             ``inf`` = too few calibration cases (that class is always in the set).
         n_calibration: calibration cases.
         class_counts: [C] calibration cases per class.
-        seed: seed of the APS uniforms.
+        randomized: APS sets are randomized by each image's own uniform (:func:`image_uniform`);
+            False: the last class always enters (conservative; bundles from before the option).
     """
 
     num_classes: int
@@ -177,7 +191,7 @@ class ConformalCalibration:
     thresholds: dict[str, dict[str, list[float]]]
     n_calibration: int
     class_counts: list[int]
-    seed: int = 0
+    randomized: bool = False
     source: str = field(default="", compare=False)
 
     def threshold(self, score: str, level: float) -> np.ndarray:
@@ -205,7 +219,7 @@ class ConformalCalibration:
                                for k, ts in by_level.items()}
                            for s, by_level in self.thresholds.items()},
             "n_calibration": self.n_calibration, "class_counts": list(self.class_counts),
-            "seed": self.seed, "source": self.source,
+            "randomized": self.randomized, "source": self.source,
         }
 
     @classmethod
@@ -220,14 +234,15 @@ class ConformalCalibration:
                             for k, ts in by_level.items()}
                         for s, by_level in doc["thresholds"].items()},
             n_calibration=int(doc["n_calibration"]), class_counts=list(doc["class_counts"]),
-            seed=int(doc.get("seed", 0)), source=str(doc.get("source", "")))
+            randomized=bool(doc.get("randomized", False)), source=str(doc.get("source", "")))
 
 
 def calibrate_conformal(probs: np.ndarray, labels: np.ndarray,
                         levels: Sequence[float] = DEFAULT_LEVELS,
                         scores: Sequence[str] = SCORES, mondrian: bool = False,
-                        seed: int = 0, source: str = "") -> ConformalCalibration:
-    """Calibrate split-conformal thresholds on held-out (validation) predictions.
+                        u: np.ndarray | None = None, source: str = "") -> ConformalCalibration:
+    """Calibrate split-conformal thresholds on held-out predictions: rows that took no part in
+    training, early stopping, temperature fitting or selection (:mod:`raycyto.referral.fit`).
 
     Args:
         probs: [N, C] class probabilities of the calibration cases.
@@ -235,7 +250,8 @@ def calibrate_conformal(probs: np.ndarray, labels: np.ndarray,
         levels: coverage levels, e.g. (0.9, 0.95).
         scores: among ``SCORES``.
         mondrian: per-class thresholds (class-conditional coverage).
-        seed: seed of the APS uniforms (one per calibration case).
+        u: [N] the calibration images' uniforms (:func:`image_uniform`): randomized APS; None:
+            the non-randomized, conservative APS.
         source: free text recorded with the thresholds (e.g. which probabilities).
 
     Returns:
@@ -247,7 +263,8 @@ def calibrate_conformal(probs: np.ndarray, labels: np.ndarray,
     if len(y) != len(p) or (len(y) and (y.min() < 0 or y.max() >= c)):
         raise RaycytoError(f"labels must be [N] ints in 0..{c - 1} for {len(p)} rows")
     levels, scores = _check_levels(levels), _check_scores(scores)
-    u = np.random.RandomState(seed).uniform(size=len(y))   # MAPIE draws the same way
+    if u is not None and len(np.asarray(u)) != len(y):
+        raise RaycytoError(f"u must hold one uniform per calibration row ({len(y)}); got {len(np.asarray(u))}")
     thresholds: dict[str, dict[str, list[float]]] = {}
     for score in scores:
         s = conformity_scores(p, y, score, u if score == "aps" else None)   # [N]
@@ -259,17 +276,18 @@ def calibrate_conformal(probs: np.ndarray, labels: np.ndarray,
                 ts = [conformal_quantile(s, level)] * c
             thresholds[score][_level_key(level)] = ts
     return ConformalCalibration(c, levels, scores, mondrian, thresholds, len(y),
-                                np.bincount(y, minlength=c).tolist(), seed, source)
+                                np.bincount(y, minlength=c).tolist(), u is not None, source)
 
 
 def prediction_sets(probs: np.ndarray, calibration: ConformalCalibration, score: str = "lac",
-                    level: float = 0.9) -> np.ndarray:
+                    level: float = 0.9, u: np.ndarray | None = None) -> np.ndarray:
     """Prediction sets as a membership mask.
 
     Args:
         probs: [N, C] probabilities (the same kind the calibration used).
         calibration: from :func:`calibrate_conformal` (or ``from_json``).
         score, level: which calibrated threshold to apply.
+        u: [N] the images' uniforms (:func:`image_uniform`); required for randomized APS.
 
     Returns:
         [N, C] bool, True where the class is in the set.
@@ -279,21 +297,25 @@ def prediction_sets(probs: np.ndarray, calibration: ConformalCalibration, score:
         raise RaycytoError(f"probabilities have {p.shape[1]} classes, the calibration "
                            f"{calibration.num_classes}")
     q = calibration.threshold(score, level)                   # [C]
-    return inclusion_statistic(p, score) <= q[None, :]
+    randomized = score == "aps" and calibration.randomized
+    if randomized and u is None:
+        raise RaycytoError("randomized APS sets need each image's uniform (image_uniform of its bytes)")
+    return inclusion_statistic(p, score, u if randomized else None) <= q[None, :]
 
 
 def prediction_set(probs: Sequence[float], calibration: ConformalCalibration,
-                   score: str = "lac", level: float = 0.9) -> list[int]:
+                   score: str = "lac", level: float = 0.9, u: float | None = None) -> list[int]:
     """The prediction set of one image (what Serve returns).
 
     Args:
         probs: [C] probabilities of one image.
+        u: the image's uniform (:func:`image_uniform` of its bytes; randomized APS).
 
     Returns:
-        Class indices in the set, most probable first.
+        Class indices in the set, most probable first (empty: no class is plausible).
     """
     p = np.asarray(probs, dtype=np.float64)[None, :]
-    member = prediction_sets(p, calibration, score, level)[0]
+    member = prediction_sets(p, calibration, score, level, None if u is None else np.array([u]))[0]
     return [int(k) for k in np.argsort(-p[0], kind="stable") if member[k]]
 
 
@@ -327,43 +349,47 @@ def set_metrics(sets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def conformal_folds(predictions: pd.DataFrame, prob_columns: Sequence[str],
                     levels: Sequence[float] = DEFAULT_LEVELS, scores: Sequence[str] = SCORES,
-                    mondrian: bool = False, by: Sequence[str] = ("trial_id", "fold"),
-                    seed: int = 0) -> pd.DataFrame:
-    """Calibrate on each group's validation rows, measure the sets on its test rows.
-
-    Only rows with ``split == "val"`` reach :func:`calibrate_conformal`; test rows are
-    read only to measure coverage afterwards.
+                    mondrian: bool = False, by: Sequence[str] = ("trial_id",),
+                    u_column: str | None = "u") -> pd.DataFrame:
+    """Cross-fitted sets: for each fold k of each group, calibrate on the *other* folds' test
+    rows (out-of-fold predictions: each by the model that never trained, stopped or was
+    chosen on it) and measure on fold k's test rows. Validation rows are never read.
 
     Args:
-        predictions: predictions.parquet rows: ``by`` columns, split, label, prob columns.
+        predictions: predictions.parquet rows: ``by`` columns, fold, split, label, prob columns,
+            and ``u_column`` (each image's uniform; absent or None: non-randomized APS).
         prob_columns: the C probability columns, in class order (``prob_*`` or ``mc_mean_*``).
-        levels, scores, mondrian, seed: as :func:`calibrate_conformal`.
-        by: one calibration per group (a trial's fold: one trained model).
+        levels, scores, mondrian: as :func:`calibrate_conformal`.
+        by: one model family per group (a trial: its K fold models).
 
     Returns:
-        One row per (group, score, level): the ``by`` columns, score, level, n_calibration,
-        threshold (class 0's; all classes' with mondrian in ``thresholds``), coverage,
+        One row per (group, fold, score, level): the ``by`` columns, fold, score, level,
+        n_calibration, threshold (class 0's; all classes' in ``thresholds``), coverage,
         set_size_mean, singleton_rate, empty_rate, n (test cases), coverage_class<k>.
     """
     cols = list(prob_columns)
     rows = []
-    for key, g in predictions.groupby(list(by), sort=True):
+    oof = predictions[predictions["split"] == "test"]
+    has_u = u_column is not None and u_column in oof.columns
+    for key, g in oof.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        val, test = g[g["split"] == "val"], g[g["split"] == "test"]
-        if val.empty:
-            continue
-        cal = calibrate_conformal(val[cols].to_numpy(dtype=float), val["label"].to_numpy(),
-                                  levels, scores, mondrian, seed)
-        p_test = test[cols].to_numpy(dtype=float).reshape(len(test), len(cols))
-        for score in cal.scores:
-            for level in cal.levels:
-                q = cal.threshold(score, level)
-                sets = prediction_sets(p_test, cal, score, level) if len(test) else \
-                    np.zeros((0, len(cols)), bool)
-                rows.append({**dict(zip(by, key)), "score": score, "level": level,
-                             "n_calibration": cal.n_calibration, "threshold": float(q[0]),
-                             "thresholds": [float(t) for t in q],
-                             **set_metrics(sets, test["label"].to_numpy())})
+        for fold in sorted(g["fold"].unique()):
+            cal_rows, test = g[g["fold"] != fold], g[g["fold"] == fold]
+            if cal_rows.empty or test.empty:
+                continue
+            cal = calibrate_conformal(cal_rows[cols].to_numpy(dtype=float), cal_rows["label"].to_numpy(),
+                                      levels, scores, mondrian,
+                                      cal_rows[u_column].to_numpy(dtype=float) if has_u else None)
+            p_test = test[cols].to_numpy(dtype=float)
+            u_test = test[u_column].to_numpy(dtype=float) if has_u else None
+            for score in cal.scores:
+                for level in cal.levels:
+                    q = cal.threshold(score, level)
+                    sets = prediction_sets(p_test, cal, score, level, u_test)
+                    rows.append({**dict(zip(by, key)), "fold": int(fold), "score": score, "level": level,
+                                 "n_calibration": cal.n_calibration, "threshold": float(q[0]),
+                                 "thresholds": [float(t) for t in q],
+                                 **set_metrics(sets, test["label"].to_numpy())})
     return pd.DataFrame(rows)
 
 

@@ -38,6 +38,9 @@ class ReferralPolicy:
         score, level: which calibrated set is returned (``aps``/``lac``, e.g. 0.9).
         risk_threshold: risk-controlled threshold (NaN: none certified); None: not calibrated.
         guarantee: the risk threshold's guarantee in one sentence.
+        set_keep: rule ``set`` keeps a case whose set is one class (``single``) or only
+            ``{negative}`` (``negative``, binary tasks: a sensitivity guarantee).
+        negative: the negative class index (binary tasks), for ``set_keep: negative``.
     """
 
     rule: str = "vote"
@@ -46,6 +49,8 @@ class ReferralPolicy:
     level: float = 0.9
     risk_threshold: Optional[float] = None
     guarantee: str = ""
+    set_keep: str = "single"
+    negative: Optional[int] = None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], rule: Optional[str] = None) -> "ReferralPolicy":
@@ -74,18 +79,45 @@ class ReferralPolicy:
         if chosen == "risk" and risk_threshold is None:
             raise ConfigError(where, "rule 'risk' needs a risk-controlled threshold; this bundle has none "
                                      "(a binary task exported by `raycyto export`)")
+        keep = str(doc.get("set_keep") or "single")
+        negative = None
+        names, positive = list(meta.get("class_names") or []), meta.get("positive_class")
+        if len(names) == 2 and positive in names:
+            negative = 1 - names.index(positive)
+        if keep == "negative" and negative is None:
+            raise ConfigError("model.json referral.set_keep", "'negative' needs a binary task with a positive class")
         return cls(chosen, conformal, score, level, risk_threshold,
-                   str((risk or {}).get("statement") or ""))
+                   str((risk or {}).get("statement") or ""), keep, negative)
 
-    def prediction_set(self, mean: np.ndarray) -> Optional[list[int]]:
-        """Class indices of the set for MC mean probabilities ``[C]`` (None without calibration)."""
+    def prediction_set(self, mean: np.ndarray, u: Optional[float] = None) -> Optional[list[int]]:
+        """Class indices of the set for MC mean probabilities ``[C]`` (None without calibration).
+
+        Args:
+            u: the image's uniform (:func:`raycyto.referral.conformal.image_uniform` of its bytes),
+                which randomized APS sets need.
+        """
         if self.conformal is None:
             return None
-        return prediction_set(mean, self.conformal, self.score, self.level)
+        return prediction_set(mean, self.conformal, self.score, self.level, u)
+
+    def refers(self, members: Optional[list[int]], confidence: float, vote_refers: bool) -> bool:
+        """Whether the rule refers a case: ``set``: its set is not exactly one class; ``risk``:
+        its vote confidence is below the risk-controlled threshold (none certified: always);
+        ``vote``: ``vote_refers`` (confidence below the vote threshold)."""
+        if self.rule == "set":
+            if self.set_keep == "negative":
+                return members != [self.negative]
+            return members is None or len(members) != 1
+        if self.rule == "risk":
+            t = self.risk_threshold
+            return True if t is None or np.isnan(t) else confidence < t
+        return bool(vote_refers)
 
     def describe(self, threshold: float) -> str:
         """The rule in words, e.g. ``confidence < 0.8`` (what the audit log records)."""
         if self.rule == "set":
+            if self.set_keep == "negative":
+                return f"{self.score.upper()} prediction set at {self.level:g} is not exactly the negative class"
             return f"{self.score.upper()} prediction set at {self.level:g} is not a single class"
         if self.rule == "risk":
             t = self.risk_threshold

@@ -3,7 +3,7 @@
 A case is kept (decided by the model) when its confidence is ``>= threshold`` and referred
 to a human otherwise. We want: among the positive (e.g. abnormal) cases that are kept,
 the share the model calls positive -- recall on kept cases -- is at least ``target``,
-and we want that to hold with probability ``1 - delta`` over the draw of the validation
+and we want that to hold with probability ``1 - delta`` over the draw of the calibration
 cases the threshold was chosen on.
 
 Learn-then-Test (Angelopoulos, Bates, Candès, Jordan & Lei 2021), as MAPIE's
@@ -59,7 +59,7 @@ class RecallGuarantee:
         threshold: keep a case when confidence >= threshold; NaN when no threshold of the
             grid is certified (then every case is referred).
         positive: the positive class index.
-        referral_rate, recall_kept: at the threshold, on the calibration (validation) cases.
+        referral_rate, recall_kept: at the threshold, on the calibration cases (out-of-fold rows, :mod:`raycyto.referral.fit`).
         n, n_positive, n_positive_kept: calibration cases, positives, positives kept.
         p_value: p-value of the chosen threshold (of the first tested one if none).
         method: how it was chosen.
@@ -89,13 +89,13 @@ class RecallGuarantee:
         conf = f"{1 - self.delta:.0%}"
         if not self.certified:
             return (f"No threshold guarantees {positive_name} recall >= {self.target:.0%} among "
-                    f"non-referred cases with {conf} confidence on these {self.n} validation "
+                    f"non-referred cases with {conf} confidence on these {self.n} calibration "
                     f"cases ({self.n_positive} {positive_name}): refer every case, or lower "
                     "the target.")
         return (f"Among cases not referred (confidence >= {self.threshold:g}), {positive_name} "
                 f"recall is >= {self.target:.0%} with {conf} confidence (learn-then-test on "
-                f"{self.n} validation cases, {self.n_positive} {positive_name}); "
-                f"{self.referral_rate:.0%} of validation cases were referred.")
+                f"{self.n} calibration cases, {self.n_positive} {positive_name}); "
+                f"{self.referral_rate:.0%} of calibration cases were referred.")
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON (threshold ``None`` when not certified)."""
@@ -168,7 +168,7 @@ def risk_controlled_threshold(y_true: np.ndarray, y_pred: np.ndarray, confidence
     >= ``target`` with probability ``1 - delta`` (learn-then-test, fixed sequence).
 
     Args:
-        y_true: [N] true classes of the validation (calibration) cases.
+        y_true: [N] true classes of the calibration cases.
         y_pred: [N] the model's label (e.g. the MC vote).
         confidence: [N] the score thresholded (e.g. MC vote confidence, max softmax).
         positive: the positive class index.
@@ -200,3 +200,25 @@ def risk_controlled_threshold(y_true: np.ndarray, y_pred: np.ndarray, confidence
                            float(tests["referral_rate"][i]), float(tests["recall_kept"][i]), n,
                            n_positive, int(tests["n_positive_kept"][i]), float(tests["p_value"][i]),
                            n_starts=n_starts)
+
+
+#: Recall targets searched for the highest certifiable one (fixed in advance).
+CERTIFIABLE_TARGETS = tuple(np.round(np.arange(0.50, 0.995, 0.01), 2))
+
+
+def certifiable_recall(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray,
+                       positive: int, delta: float = 0.1,
+                       targets: Sequence[float] = CERTIFIABLE_TARGETS) -> RecallGuarantee | None:
+    """The highest recall target of ``targets`` that learn-then-test certifies at ``delta``,
+    with the loosest threshold that certifies it (None: not even the lowest target).
+
+    When 0.95 cannot be certified, this says what can: e.g. "recall >= 0.91 with 90%
+    confidence, referring 12%". Each target's statement holds at ``delta`` on its own.
+    """
+    best = None
+    for target in sorted(float(t) for t in targets):
+        g = risk_controlled_threshold(y_true, y_pred, confidence, positive, target, delta)
+        if not g.certified:
+            break   # a higher target only needs more: it cannot be certified either
+        best = g
+    return best

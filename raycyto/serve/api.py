@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from raycyto.referral.conformal import image_uniform
 from raycyto.serve import oip
 from raycyto.serve.validation import (
     IMAGE_CONTENT_TYPES,
@@ -170,8 +171,9 @@ class Backend(Protocol):
     index: ModelIndex
 
     async def predict(self, model: ServedModel, image: np.ndarray, passes: int, threshold: float,
-                      seed: int, fan_out: int | None = None) -> dict[str, Any]:
-        """Predict one uint8 ``[H, W, 3]`` image (``fan_out`` None = backend default); returns the /predict JSON."""
+                      seed: int, fan_out: int | None = None, u: float | None = None) -> dict[str, Any]:
+        """Predict one uint8 ``[H, W, 3]`` image (``fan_out`` None = backend default; ``u`` the image's
+        APS uniform, ``image_uniform`` of its bytes); returns the /predict JSON."""
 
     async def ready(self, model: ServedModel | None = None) -> bool:
         """True when every deployment behind the API (or behind ``model``) can answer."""
@@ -342,7 +344,7 @@ async def _run_one(request: Request, model: ServedModel, data: bytes, p: Predict
     seed = p.seed if p.seed is not None else model.seed if s.seed is None else s.seed
     result = await ctx.backend.predict(
         model, image, p.passes or model.passes, model.threshold if p.threshold is None else p.threshold,
-        seed, p.fan_out)
+        seed, p.fan_out, image_uniform(data))
     if s.metrics is not None:
         s.metrics.prediction(model, result)
     if s.audit is not None:

@@ -404,7 +404,7 @@ class Ingress(_ModelReplica):
         return chunks
 
     async def predict(self, model: ServedModel, image: np.ndarray, passes: int, threshold: float, seed: int,
-                      fan_out: Optional[int] = None) -> dict[str, Any]:
+                      fan_out: Optional[int] = None, u: Optional[float] = None) -> dict[str, Any]:
         """One chunk: embed and run the passes here (inline) or on one Backbone replica (one
         hop). Several: embed, run the chunks concurrently on MC replicas, concatenate in
         chunk order."""
@@ -423,7 +423,7 @@ class Ingress(_ModelReplica):
             ood, ids = e["ood"], sorted({o["replica"] for o in outs})
         return build_result(probs, threshold, list(model.class_names), model.info,
                             {"count": len(ids), "chunks": len(plan), "ids": ids},
-                            model.policy, ood, model.ood_threshold)
+                            model.policy, ood, model.ood_threshold, u)
 
     async def ready(self, model: Optional[ServedModel] = None) -> bool:
         """An MC replica up, and (``inline: false``) every listed model (or ``model``) loadable on

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from raycyto.referral.conformal import image_uniform
 from raycyto.referral.policy import OOD_REASON, ReferralPolicy
 
 DEFAULT_MC_REPLICAS = 2
@@ -219,7 +220,7 @@ class LoadedModel:
 def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str],
                  model_info: dict[str, str], replicas: dict[str, Any],
                  policy: Optional[ReferralPolicy] = None, ood_score: Optional[float] = None,
-                 ood_threshold: Optional[float] = None) -> dict[str, Any]:
+                 ood_threshold: Optional[float] = None, u: Optional[float] = None) -> dict[str, Any]:
     """Summarise the passes of one image into the /predict JSON.
 
     Args:
@@ -231,6 +232,7 @@ def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str]
         policy: the bundle's :class:`ReferralPolicy` (None: the vote rule, no prediction set).
         ood_score, ood_threshold: the out-of-distribution guard's score of this image and its
             threshold (None: the bundle has no guard; the fields are omitted).
+        u: the image's uniform (``image_uniform`` of its bytes) for randomized APS sets.
     Returns:
         JSON-ready dict: label, confidence, refer, threshold, passes, probabilities, std,
         entropy, mutual_information, model, replicas, rule (``vote``/``set``/``risk``),
@@ -246,14 +248,8 @@ def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str]
     s = summarize(np.asarray(probs)[None], threshold=threshold)  # every value [1, ...]
     names = list(class_names)
     confidence, mean = float(s["confidence"][0]), np.asarray(s["mean"][0], dtype=np.float64)
-    members = policy.prediction_set(mean)
-    if policy.rule == "set":
-        by_rule = len(members) != 1
-    elif policy.rule == "risk":
-        t = policy.risk_threshold
-        by_rule = True if t is None or np.isnan(t) else confidence < t
-    else:
-        by_rule = bool(s["refer"][0])
+    members = policy.prediction_set(mean, u)
+    by_rule = policy.refers(members, confidence, bool(s["refer"][0]))
     ood = None if ood_score is None or ood_threshold is None else bool(ood_score > ood_threshold)
     reason = OOD_REASON if ood else (policy.rule if by_rule else None)
     out: dict[str, Any] = {
@@ -308,8 +304,11 @@ class LocalPredictor:
 
     def predict_image(self, image: np.ndarray, passes: int | None = None,
                       threshold: float | None = None, seed: int | None = None,
-                      fan_out: int | None = None) -> dict[str, Any]:
-        """Predict one decoded uint8 image ``[H, W, 3]``; returns the /predict JSON."""
+                      fan_out: int | None = None, u: float | None = None) -> dict[str, Any]:
+        """Predict one decoded uint8 image ``[H, W, 3]``; returns the /predict JSON.
+
+        ``u``: the APS randomisation (``image_uniform`` of the encoded bytes, as
+        :meth:`predict_bytes` and the endpoint pass); None: drawn from the array's bytes."""
         m = self.model
         passes = passes or m.default_passes
         threshold = m.default_threshold if threshold is None else threshold
@@ -318,10 +317,11 @@ class LocalPredictor:
         probs = np.concatenate([m.run_chunk(x, c) for c in plan])  # [T, C]
         return build_result(probs, threshold, m.class_names, m.info,
                             {"count": 1, "chunks": len(plan), "ids": ["in-process"]},
-                            m.policy, ood, m.ood_threshold)
+                            m.policy, ood, m.ood_threshold,
+                            image_uniform(np.ascontiguousarray(image).tobytes()) if u is None else u)
 
     def predict_bytes(self, data: bytes, **kw: Any) -> dict[str, Any]:
         """Validate, decode and predict one encoded image (raises ClientError on bad input)."""
         from raycyto.serve.validation import decode_upload
 
-        return self.predict_image(decode_upload(data, self.max_pixels), **kw)
+        return self.predict_image(decode_upload(data, self.max_pixels), u=image_uniform(data), **kw)
