@@ -146,6 +146,9 @@ def closing_summary(report_dir: Path, model_dir: Path) -> tuple[list[list[str]],
     warnings = chance_warnings(stats(best), int(best["folds"]),
                                baseline=stats(best_probe.iloc[0]) if len(best_probe) else None,
                                baseline_name="linear probe")
+    if bool(best["baseline"]):
+        warnings.insert(0, "no trained head beats the linear probe beyond noise on validation (one-SE rule): "
+                           "the probe is the exported model")
     if meta.get("selection", {}).get("trial_id") != best["trial_id"]:
         warnings.append(f"the exported trial {meta.get('selection', {}).get('trial_id')} is not the report's "
                         f"best ({best['trial_id']}): export and report were run with different --select rules")

@@ -80,3 +80,64 @@ def test_every_command_option_and_argument_has_a_help_line_and_version_prints():
     assert not missing, missing
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"raycyto {__version__}"
+
+
+def test_serve_never_imports_analysis():
+    """Serve answers from the referral package; the report's analysis code is not on its path."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "raycyto" / "serve").rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "raycyto.analysis" in line]
+    assert not hits, hits
+
+
+def test_rule_score_mode_names_have_one_owner_and_match_their_registries():
+    """raycyto.config owns the names; each registry implements exactly them (and no module
+    spells a tuple of them again)."""
+    import numpy as np
+    import torch
+
+    from raycyto import config
+    from raycyto.errors import ConfigError, RaycytoError
+    from raycyto.models import finetune
+    from raycyto.referral import conformal, policy
+
+    # fine-tuning modes: every name resolves in finetune, an unknown one does not
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for mode in config.FINETUNE_MODES:
+        finetune.apply_finetune(net, ("0", "1"), mode)
+    try:
+        finetune.apply_finetune(net, ("0", "1"), "last3")
+        raise AssertionError("an unknown fine-tune mode was accepted")
+    except RaycytoError:
+        pass
+    assert finetune.FINETUNE_MODES is config.FINETUNE_MODES and conformal.SCORES is config.CONFORMAL_SCORES
+    # conformal scores: every name scores, an unknown one does not
+    p, y = np.array([[0.7, 0.3], [0.2, 0.8]]), np.array([0, 1])
+    for score in config.CONFORMAL_SCORES:
+        assert conformal.conformity_scores(p, y, score).shape == (2,)
+    try:
+        conformal.conformity_scores(p, y, "raps")
+        raise AssertionError("an unknown conformal score was accepted")
+    except RaycytoError:
+        pass
+    # refer rules and set_keep: the served policy accepts exactly the config's names
+    cal = conformal.calibrate_conformal(np.tile(p, (20, 1)), np.tile(y, 20), [0.9], config.CONFORMAL_SCORES)
+    meta = {"class_names": ["n", "a"], "positive_class": "a",
+            "referral": {"conformal": {"score": "lac", "level": 0.9, "calibration": cal.to_json()},
+                         "risk": {"threshold": 0.9, "statement": ""}}}
+    for rule in config.REFER_RULES:
+        for keep in config.SET_KEEP:
+            pol = policy.ReferralPolicy.from_meta({**meta, "referral": {**meta["referral"], "set_keep": keep}}, rule)
+            assert pol.rule == rule and pol.set_keep == keep
+    try:
+        policy.ReferralPolicy.from_meta(meta, "coin")
+        raise AssertionError("an unknown refer rule was accepted")
+    except ConfigError:
+        pass
+    # no second spelling of a name tuple anywhere in the package
+    spelled = {repr(t) for t in (config.FINETUNE_MODES, config.REFER_RULES, config.CONFORMAL_SCORES,
+                                  config.SET_KEEP)}
+    for path in (ROOT / "raycyto").rglob("*.py"):
+        if path.name == "config.py":
+            continue
+        text = path.read_text()
+        assert not [t for t in spelled if t in text], path

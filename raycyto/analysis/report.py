@@ -167,6 +167,9 @@ class _Report:
             base_metrics = {"accuracy": (float(shares[majority]), math.nan)}
         warnings = chance_warnings(raw, int(best["folds"]), base_raw, base_name,
                                    float(shares[majority]), exp.class_names[majority])
+        if bool(best["baseline"]):
+            warnings.insert(0, f"No trained head beats the linear probe beyond noise on validation ({self.rule.describe()}): "
+                               "the probe is the model `raycyto export` exports.")
         return Headline(config=str(best["config"]), metrics=metrics, folds=int(best["folds"]),
                         selected_on=self.rule.describe(), baseline_name=base_name,
                         baseline=base_metrics, referral=self.referral_text(best),

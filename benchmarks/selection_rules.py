@@ -1,0 +1,60 @@
+"""Which selection rule exports a model worth exporting? Rules compared on the test folds.
+
+For each experiment (e.g. the main job of three seeds) and each rule, side by side:
+the configuration the rule exports, its test accuracy (fold mean), the best linear probe's
+and the median trained configuration's test accuracy on the same folds, and the exported
+one's margin over each. The rule that never falls below the probe and the median, on average
+over seeds, is the default (:data:`raycyto.analysis.selection.DEFAULT_RULE`).
+
+    .venv/bin/python benchmarks/selection_rules.py runs/leukemia runs/leukemia_s1 runs/leukemia_s2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+
+from raycyto.analysis.load import load_experiment, resolve_experiment_dir
+from raycyto.analysis.tables import selection_table, summary_table
+
+RULES = ("accuracy", "loss", "brier", "accuracy+1se", "loss+1se", "brier+1se")
+
+
+def compare(exp_dir: str, rules=RULES) -> pd.DataFrame:
+    """One row per rule: exported config, its test accuracy, best probe's, median trained."""
+    exp = load_experiment(resolve_experiment_dir(exp_dir))
+    summary = summary_table(exp, "accuracy")
+    trained = summary[~summary["baseline"].astype(bool)]
+    probes = summary[summary["baseline"].astype(bool)]
+    acc = dict(zip(summary["trial_id"], summary["accuracy_mean"]))
+    best_probe = float(probes["accuracy_mean"].max()) if len(probes) else np.nan
+    median = float(trained["accuracy_mean"].median())
+    rows = []
+    for rule in rules:
+        sel = selection_table(exp, rule)
+        best = sel[sel["best"]].iloc[0]
+        a = float(acc.get(best["trial_id"], np.nan))
+        rows.append({"experiment": str(exp_dir), "rule": rule, "exported": best["config"],
+                     "test_accuracy": a, "best_probe": best_probe, "median_trained": median,
+                     "vs_probe": a - best_probe, "vs_median": a - median,
+                     "oracle": float(trained["accuracy_mean"].max())})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiments", nargs="+", help="experiment folders or main-job folders (runs/leukemia)")
+    args = ap.parse_args()
+    table = pd.concat([compare(e) for e in args.experiments], ignore_index=True)
+    pd.set_option("display.width", 200)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    mean = table.groupby("rule", sort=False)[["test_accuracy", "best_probe", "median_trained", "vs_probe",
+                                              "vs_median"]].mean()
+    print("\nmean over experiments (the target: vs_probe >= -0.01 and vs_median >= 0):")
+    print(mean.to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
