@@ -293,13 +293,10 @@ def run(
     Example: raycyto run            (karyograms, outputs in runs/demo)
     Example: raycyto run --task leukemia
     """
-    from raycyto.errors import RaycytoError
+    from raycyto.errors import exit_on_user_error
 
     default_out = Path("runs/demo") if task == "karyogram" else Path(f"runs/{task}")
-    try:
+    with exit_on_user_error():  # "error: ..." on one line and exit 2, also when raised in a Ray task
         result = run_main_job(task, out or default_out, config, port, seed, tuple(set_))
-    except RaycytoError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     if any(a["status"] >= 500 for a in result.answers):
         raise typer.Exit(1)

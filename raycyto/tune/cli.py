@@ -29,13 +29,10 @@ def sweep(
     """
     from rich.console import Console
 
-    from raycyto.errors import RaycytoError
+    from raycyto.errors import exit_on_user_error
     from raycyto.tune.sweep import sweep_main
 
-    try:
+    with exit_on_user_error():  # "error: ..." on one line and exit 2, also when raised in a Ray task
         exp_dir = sweep_main(config=config, data=data, out=out, resume=resume, progress=not quiet,
                              storage=storage, positive_class=positive_class, sets=tuple(set_))
-    except RaycytoError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     Console().print(f"experiment directory: {exp_dir}")
