@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from raycyto.referral.risk import RecallGuarantee, recall_tests, risk_controlled_threshold
+from raycyto.referral.risk import DEFAULT_GRID, RecallGuarantee, recall_tests, risk_controlled_threshold
 from raycyto.errors import RaycytoError
 
 POS = 1
@@ -149,3 +149,72 @@ def test_bad_target_or_delta_raise():
         risk_controlled_threshold([1], [1], [1.0], POS, target=95)
     with pytest.raises(RaycytoError, match="delta"):
         risk_controlled_threshold([1], [1], [1.0], POS, delta=0)
+
+
+def fixed_sequence_certified(p_values: np.ndarray, delta: float, n_starts: int = 1) -> list[int]:
+    """Brute force, independent of MAPIE: the indices fixed-sequence testing certifies. Each of
+    ``n_starts`` equally spaced starts (``i * (G // n_starts)``) tests at ``delta / n_starts`` and
+    walks on while it rejects; the certified set is the union of the walks."""
+    g = len(p_values)
+    k = min(n_starts, g)
+    level = delta / k
+    certified: set[int] = set()
+    for start in range(0, k * (g // k), g // k):
+        i = start
+        while i < g and p_values[i] <= level:
+            certified.add(i)
+            i += 1
+    return sorted(certified)
+
+
+def test_the_rule_uses_the_loosest_certified_threshold_known_by_hand():
+    """Several thresholds are certified (1.0, 0.9, 0.8: no miss among their kept positives); the
+    rule uses the loosest one, 0.8 (least referral), not the strictest, 1.0. Thresholds 0.7 and
+    0.6 keep 10 misses in 160 positives (recall 0.9375 < 0.95) and stop the sequence, so 0.5 and
+    0.0, whose p-values pass again (10 misses in 560), are not certified."""
+    target, delta = 0.95, 0.1
+    grid = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0]
+    # positives: 60 at 1.0, 40 at 0.9, 40 at 0.8 (all right), 20 at 0.7 (10 missed), 400 at 0.5 (right)
+    c_pos = np.repeat([1.0, 0.9, 0.8, 0.7, 0.5], [60, 40, 40, 20, 400])
+    miss = np.zeros(len(c_pos), bool)
+    miss[140:150] = True
+    c_neg = np.repeat([0.95, 0.75, 0.3], 100)               # negatives: all called negative
+    y = np.concatenate([np.ones(len(c_pos), int), np.zeros(len(c_neg), int)])
+    pred = np.concatenate([np.where(miss, 0, 1), np.zeros(len(c_neg), int)])
+    c = np.concatenate([c_pos, c_neg])
+
+    tests = recall_tests(y, pred, c, POS, target, grid)
+    p = tests["p_value"]
+    assert tests["n_positive_kept"].tolist() == [60, 100, 140, 160, 160, 560, 560]
+    assert tests["misses"].tolist() == [0, 0, 0, 10, 10, 10, 10]
+    assert (p[:3] <= delta).all() and (p[3:5] > delta).all() and (p[5:] <= delta).all()
+    certified = fixed_sequence_certified(p, delta)
+    assert [grid[i] for i in certified] == [1.0, 0.9, 0.8]
+
+    g = risk_controlled_threshold(y, pred, c, POS, target, delta, grid=grid)
+    assert g.threshold == 0.8 == min(grid[i] for i in certified)     # the loosest, by hand and brute force
+    assert g.n_positive_kept == 140 and g.recall_kept == 1.0 and g.p_value == p[2]
+    kept = 140 + 100                                              # positives >= 0.8, negatives at 0.95
+    assert g.referral_rate == pytest.approx(1 - kept / len(y))
+    assert g.referral_rate < tests["referral_rate"][0]              # the strictest would refer more
+
+
+@pytest.mark.parametrize("n_starts", [1, 4])
+def test_the_threshold_is_the_loosest_of_every_certified_one_brute_force(n_starts):
+    """On random validation sets: the threshold used is the loosest of the certified ones that
+    fixed-sequence testing gives on the p-values of recall_tests (computed here, without MAPIE);
+    in most sets several thresholds are certified, so loosest and strictest differ."""
+    rng = np.random.default_rng(5)
+    several = 0
+    grid = DEFAULT_GRID if n_starts == 1 else np.round(np.linspace(0.99, 0.5, 50), 10)
+    for _ in range(20):
+        y, pred, c = draw(rng, 1500 if n_starts == 1 else 3000)  # delta / n_starts per start: more cases
+        p = recall_tests(y, pred, c, POS, 0.95, grid)["p_value"]
+        certified = fixed_sequence_certified(p, 0.1, n_starts)
+        g = risk_controlled_threshold(y, pred, c, POS, 0.95, 0.1, grid=grid, n_starts=n_starts)
+        if not certified:
+            assert not g.certified
+            continue
+        assert g.threshold == min(grid[i] for i in certified)
+        several += len(certified) > 1
+    assert several >= 15, several
