@@ -17,29 +17,27 @@ import numpy as np
 import pandas as pd
 
 from raycyto.analysis.load import load_experiment, resolve_experiment_dir
-from raycyto.analysis.tables import selection_table, summary_table
+from raycyto.analysis.tables import selection_table
 
 RULES = ("accuracy", "loss", "brier", "accuracy+1se", "loss+1se", "brier+1se")
 
 
 def compare(exp_dir: str, rules=RULES) -> pd.DataFrame:
-    """One row per rule: exported config, its test accuracy, best probe's, median trained."""
+    """One row per rule: the exported configuration and its test accuracy (fold mean, results.csv),
+    the best probe's, and the median over the trained configurations (each cell's trial that
+    the same rule picks)."""
     exp = load_experiment(resolve_experiment_dir(exp_dir))
-    summary = summary_table(exp, "accuracy")
-    trained = summary[~summary["baseline"].astype(bool)]
-    probes = summary[summary["baseline"].astype(bool)]
-    acc = dict(zip(summary["trial_id"], summary["accuracy_mean"]))
-    best_probe = float(probes["accuracy_mean"].max()) if len(probes) else np.nan
-    median = float(trained["accuracy_mean"].median())
+    acc = dict(zip(exp.results["trial_id"].astype(str), pd.to_numeric(exp.results["test_accuracy"])))
     rows = []
     for rule in rules:
         sel = selection_table(exp, rule)
+        test = sel["trial_id"].astype(str).map(acc)
+        base = sel["baseline"].astype(bool)
         best = sel[sel["best"]].iloc[0]
-        a = float(acc.get(best["trial_id"], np.nan))
+        a, probe, median = acc[str(best["trial_id"])], float(test[base].max()), float(test[~base].median())
         rows.append({"experiment": str(exp_dir), "rule": rule, "exported": best["config"],
-                     "test_accuracy": a, "best_probe": best_probe, "median_trained": median,
-                     "vs_probe": a - best_probe, "vs_median": a - median,
-                     "oracle": float(trained["accuracy_mean"].max())})
+                     "test_accuracy": a, "best_probe": probe, "median_trained": median,
+                     "vs_probe": a - probe, "vs_median": a - median, "oracle": float(test[~base].max())})
     return pd.DataFrame(rows)
 
 
