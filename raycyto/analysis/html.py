@@ -148,13 +148,14 @@ EXPLANATION = (
     "Referral: a case is sent to a person instead of being decided by the model when the "
     "model is unsure. The referral rate is the share of cases sent on.",
     "Prediction set: instead of one answer the model may name every class it cannot rule "
-    "out. At level 90% the set holds the true class for at least 90% of cases (conformal "
-    "prediction, calibrated on validation data). A set of one class is a confident answer; "
+    "out. At level 90% the set holds the true class for 90% of cases (conformal prediction, "
+    "calibrated on out-of-fold rows: images that the model predicting them never trained "
+    "or was chosen on). A set of one class is a confident answer; "
     "a set of several classes means: refer.",
     "Guarantee: a recall guarantee (for example 'abnormal recall \u2265 95% with 90% "
-    "confidence') is a statement about the cases the model decides alone, chosen on "
-    "validation data with a method (learn-then-test) that accounts for the chance of an "
-    "unlucky validation sample.",
+    "confidence') is a statement about the cases the model decides alone, calibrated on "
+    "out-of-fold rows with a method (learn-then-test) that accounts for the chance of an "
+    "unlucky calibration sample.",
     "Risk-coverage: for each way of scoring the model's confidence, how the error rate "
     "falls as more of the least confident cases are referred. Lower curves, and a lower "
     "AURC (area under the curve), are better.",
