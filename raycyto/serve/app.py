@@ -174,7 +174,8 @@ def describe_model(m: LoadedModel) -> dict[str, Any]:
             "passes": m.default_passes, "threshold": m.default_threshold,
             "seed": int(getattr(m, "default_seed", 0)),
             "input_size": int(m.meta.get("input_size") or m.model.spec.input_size),
-            "referral": m.meta.get("referral"), "ood_threshold": m.ood_threshold}
+            "referral": m.meta.get("referral"), "positive_class": m.meta.get("positive_class"),
+            "ood_threshold": m.ood_threshold}
 
 
 class Engine:
@@ -365,7 +366,9 @@ class Ingress(_ModelReplica):
                            input_size=d["input_size"], passes=a.passes or d["passes"],
                            threshold=d["threshold"] if a.threshold is None else a.threshold, scope=d["scope"],
                            seed=d["seed"],
-                           policy=ReferralPolicy.from_meta({"referral": d.get("referral")}, a.refer_rule),
+                           policy=ReferralPolicy.from_meta({"referral": d.get("referral"),  # set_keep reads classes
+                                                            "class_names": d["class_names"],
+                                                            "positive_class": d.get("positive_class")}, a.refer_rule),
                            ood_threshold=d.get("ood_threshold"))
 
     @staticmethod
