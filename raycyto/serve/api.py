@@ -19,6 +19,7 @@ import copy
 import hashlib
 import hmac
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -326,6 +327,7 @@ def _label(request: Request, **labels: str) -> None:
 
 
 async def _route_label(request: Request) -> None:
+    request.scope.setdefault("raycyto.t0", time.perf_counter())  # arrival, for the audit's latency
     route = request.scope.get("route")
     _label(request, route=getattr(route, "path", "unmatched"))
 
@@ -336,9 +338,13 @@ router = APIRouter(dependencies=[Depends(_route_label)])
 
 async def _run_one(request: Request, model: ServedModel, data: bytes, p: PredictParams,
                    field_name: str) -> dict[str, Any]:
-    """Decode, predict, then count and audit one image."""
+    """Decode, predict, then count and audit one image.
+
+    Every answer, from ``/predict`` and from OIP v2 infer (one call per image of the batch),
+    comes through here: this is the one place that writes its audit record."""
     ctx = _ctx(request)
     s = ctx.settings
+    t0 = request.scope.get("raycyto.t0") or time.perf_counter()
     _label(request, model=model.name)
     image = await asyncio.to_thread(decode_upload, data, s.max_pixels, field_name)
     seed = p.seed if p.seed is not None else model.seed if s.seed is None else s.seed
@@ -348,8 +354,8 @@ async def _run_one(request: Request, model: ServedModel, data: bytes, p: Predict
     if s.metrics is not None:
         s.metrics.prediction(model, result)
     if s.audit is not None:
-        s.audit.write(model, hashlib.sha256(data).hexdigest(), result,
-                      route=_label_of(request, "route"))
+        s.audit.write(model, hashlib.sha256(data).hexdigest(), result, route=_label_of(request, "route"),
+                      latency_ms=(time.perf_counter() - t0) * 1000.0)
     return result
 
 
