@@ -10,6 +10,10 @@ sends produces a 5xx.
 OIP v2 specifics (``raycyto.serve.oip``): the binary tensor data extension for the BYTES
 image input and for any output, JSON BYTES elements as strings (an image in JSON is its
 base64 text), per-name and per-version metadata and readiness, the repository index.
+
+A clean stop (:class:`DrainMiddleware`): asked to drain, the API answers every new request 503
+and finishes the ones in flight; ``raycyto serve`` asks on SIGTERM / SIGINT, waits for them,
+then shuts Serve and Ray down.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import copy
 import hashlib
 import hmac
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +52,9 @@ from raycyto.serve.validation import (
 log = logging.getLogger(__name__)
 MAX_SEED = 2**31 - 1
 MAX_FAN_OUT = 64
+DRAIN_TOKEN_ENV = "RAYCYTO_DRAIN_TOKEN"
+DRAIN_PATH = "/-/raycyto/drain"
+DRAIN_HEADER = "x-raycyto-drain"
 
 
 class ServiceUnavailable(Exception):
@@ -193,6 +201,9 @@ class ApiSettings:
         seed: default seed of the MC passes for every model (None: each bundle's own).
         metrics: per-replica metrics (``raycyto.serve.metrics.ServeMetrics``); None = off.
         audit: JSONL audit log (``raycyto.serve.audit.AuditLog``); None = off.
+        drain_token: secret of the drain route (:class:`DrainMiddleware`); default: the
+            environment's ``$RAYCYTO_DRAIN_TOKEN`` (set by ``raycyto serve`` for its own Ray);
+            None: no drain route.
     """
 
     max_body_bytes: int = 10 * 1024 * 1024
@@ -203,6 +214,7 @@ class ApiSettings:
     seed: int | None = None
     metrics: Any = None
     audit: Any = None
+    drain_token: str | None = field(default_factory=lambda: os.environ.get(DRAIN_TOKEN_ENV) or None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -327,7 +339,6 @@ def _label(request: Request, **labels: str) -> None:
 
 
 async def _route_label(request: Request) -> None:
-    request.scope.setdefault("raycyto.t0", time.perf_counter())  # arrival, for the audit's latency
     route = request.scope.get("route")
     _label(request, route=getattr(route, "path", "unmatched"))
 
@@ -502,6 +513,71 @@ _routes("/infer", _infer, "POST", "OIP v2 inference: images as BYTES (binary ext
         responses=_errors(400, 401, 404, 413, 415, 422, 503), openapi_extra=oip.INFER_DOC)
 
 
+# ----------------------------------------------------------------------------- clean stop
+
+
+class DrainMiddleware:
+    """ASGI middleware: stop taking requests on demand, finish the ones in flight.
+
+    ``POST /-/raycyto/drain`` with the header ``X-Raycyto-Drain: <drain token>`` switches this
+    API to draining (for good) and answers ``{"draining": true, "in_flight": n}``: the requests
+    still being answered, which the caller polls until 0 (the route exists only when a token is
+    configured; see :attr:`ApiSettings.drain_token`). While draining every new request gets 503
+    (JSON error, ``Retry-After: 1``, ``Connection: close``), ``/v2/health/ready`` says
+    ``{"ready": false, "draining": true}`` (503) and ``/v2/health/live`` stays 200.
+
+    It also stamps each request's arrival (``scope["raycyto.t0"]``) for the audit's latency.
+    """
+
+    def __init__(self, app: Any, token: str | None) -> None:
+        self.app = app
+        self.token = token
+        self.draining = False
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("raycyto.t0", time.perf_counter())
+        path = scope.get("path", "")
+        if path == DRAIN_PATH and scope.get("method") == "POST" and self._authorized(scope):
+            await self._drain(scope, receive, send)
+            return
+        if self.draining and path != "/v2/health/live":
+            await self._refuse(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def _authorized(self, scope: dict) -> bool:
+        """The drain token is configured and the request carries it (else: an ordinary 404)."""
+        if self.token is None:
+            return False
+        given = next((v for k, v in scope.get("headers", []) if k.decode("latin-1").lower() == DRAIN_HEADER), b"")
+        return hmac.compare_digest(given, self.token.encode())
+
+    async def _drain(self, scope: dict, receive: Any, send: Any) -> None:
+        if not self.draining:
+            log.info("draining: new requests get 503; %d in flight finish", self.in_flight)
+        self.draining = True
+        await JSONResponse({"draining": True, "in_flight": self.in_flight})(scope, receive, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = {"Retry-After": "1", "Connection": "close"}
+        if scope.get("path") == "/v2/health/ready":
+            await JSONResponse({"ready": False, "draining": True}, 503, headers=headers)(scope, receive, send)
+            return
+        message = "the server is shutting down; retry shortly (or on another replica)"
+        body = error_body(503, "unavailable", message)
+        if scope.get("path", "").startswith("/v2"):
+            body = {**body, "error": message, "kind": "unavailable"}
+        await JSONResponse(body, 503, headers=headers)(scope, receive, send)
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -533,7 +609,7 @@ def _openapi(api: FastAPI, index: ModelIndex, settings: ApiSettings) -> dict[str
 
 
 def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
-    """Build the FastAPI app: routes, error mapping, body-size limit and (optional) metrics.
+    """Build the FastAPI app: routes, error mapping, body-size limit, drain and (optional) metrics.
 
     Args:
         backend: runs the models (see :class:`Backend`).
@@ -553,6 +629,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     api.add_exception_handler(Exception, _on_internal)
     api.openapi = lambda: _openapi(api, backend.index, settings)  # type: ignore[method-assign]
     api.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    api.add_middleware(DrainMiddleware, token=settings.drain_token)  # outside the body limit: 503s read nothing
     if settings.metrics is not None:
         from raycyto.serve.metrics import MetricsMiddleware
 

@@ -3,12 +3,91 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+# Serve's direct-ingress replicas stay up this long after a stop so that load balancers pointed
+# at their own ports can deregister them (Ray's default: 30 s). `raycyto serve` clients come
+# through the proxy, and the drain has already waited for every request, so a short hold will do.
+STOP_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+class StopSignals:
+    """SIGTERM / SIGINT handlers of ``raycyto serve``: the first asks for a clean stop (while
+    still starting: abandons the start), a second one skips the wait for requests in flight."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self.serving = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Replace the handlers (Ray's driver installs its own, which dump a stack and abort)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received.append(signal.Signals(signum).name)
+        if not self.serving and len(self.received) == 1:
+            raise KeyboardInterrupt  # still starting: unwind the start, then stop
+
+    @property
+    def name(self) -> str:
+        return self.received[0] if self.received else "stop"
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server bound to ``host`` (a wildcard: the loopback)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def drain(url: str, token: str, grace_s: float, stop: StopSignals) -> tuple[int | None, int | None]:
+    """Ask the endpoint to stop taking requests, then wait (at most ``grace_s``, or until a
+    second signal) for the ones in flight.
+
+    Returns:
+        (requests in flight when asked, still in flight at the end); None where the endpoint
+        did not answer (no drain route: replicas of a Ray not started by this command).
+    """
+    import urllib.error
+    import urllib.request
+
+    from raycyto.serve.api import DRAIN_HEADER, DRAIN_PATH
+
+    deadline = time.monotonic() + grace_s
+    first: int | None = None
+    left: int | None = None
+    while True:
+        req = urllib.request.Request(url + DRAIN_PATH, data=b"", method="POST", headers={DRAIN_HEADER: token})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - our own loopback URL
+                left = int(json.loads(r.read())["in_flight"])
+            first = left if first is None else first
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # replicas without the token: nothing to wait for
+                return first, left
+        except (OSError, ValueError, KeyError):  # overloaded or unreachable: try again
+            pass
+        if left == 0 or time.monotonic() > deadline or len(stop.received) > 1:
+            return first, left
+        time.sleep(0.2)
 
 
 def serve(
@@ -29,22 +108,31 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
                                                help="Prometheus port of a local Ray (default: Ray picks one)"),
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="JSONL audit file (rotated)"),
+    grace_period: float = typer.Option(30.0, "--grace-period", min=0.0,
+                                       help="on SIGTERM / SIGINT: seconds the requests in flight get to finish"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's and Serve's own log lines"),
 ) -> None:
-    """Serve model bundles on a local Ray Serve (blocking; Ctrl-C to stop).
+    """Serve model bundles on a local Ray Serve (blocking; Ctrl-C or SIGTERM to stop).
 
     Quiet by default: it prints where it serves once ready; Ray's own lines go to its log
     files (/tmp/ray/session_latest/logs), --verbose brings them back to the terminal.
 
+    A clean stop, on SIGTERM (systemd, Docker, Kubernetes) or SIGINT: new requests get 503,
+    the ones in flight finish (at most --grace-period seconds; a second signal cuts them),
+    Serve and Ray shut down, one line says so, exit status 0.
+
     Example: raycyto serve runs/demo/model runs/leukemia/model --port 8000 --passes 100
     """
     import logging
+    import os
+    import secrets
 
     import ray
     from pydantic import ValidationError
     from ray import serve as rs
 
     from raycyto.errors import RaycytoError
+    from raycyto.serve.api import DRAIN_TOKEN_ENV
     from raycyto.serve.app import AppArgs, build_app
 
     level = logging.INFO if verbose else logging.WARNING
@@ -65,27 +153,56 @@ def serve(
         raise typer.Exit(2) from None
     for name in ("ray", "ray.serve"):  # the driver's "Started Serve ...", "Application ... is ready" lines
         logging.getLogger(name).setLevel(level)
-    if not ray.is_initialized():
+    owned = not ray.is_initialized()
+    token = os.environ.get(DRAIN_TOKEN_ENV, "")
+    if owned:
         from raycyto.serve.app import serve_env
 
         serve_env()
+        for key, value in STOP_ENV.items():
+            os.environ.setdefault(key, value)
+        # the drain route's secret, inherited by the replicas of the Ray started here
+        token = os.environ[DRAIN_TOKEN_ENV] = secrets.token_urlsafe(32)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
                  _metrics_export_port=metrics_port)
-    quiet = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
-    rs.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    rs.run(app, name="raycyto", route_prefix="/", logging_config=quiet)
-    node = ray._private.worker.global_worker.node
-    base = f"http://{host}:{port}"
-    typer.echo(f"ready: {base}/predict  (models: {base}/models, OIP v2: {base}/v2, docs: {base}/docs)")
-    typer.echo(f"metrics: http://{node.node_ip_address}:{node.metrics_export_port}/metrics   "
-               f"Ray logs: {node.get_logs_dir_path()}   Ctrl-C to stop")
+    stop = StopSignals()
+    stop.install()  # after ray.init, whose handlers would dump a native stack and abort
+    ready, t_stop, (first, left) = False, time.monotonic(), (None, None)
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        typer.echo("stopping")
+        quiet = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
+        rs.start(http_options={"host": host, "port": port}, logging_config=quiet)
+        rs.run(app, name="raycyto", route_prefix="/", logging_config=quiet)
+        node = ray._private.worker.global_worker.node
+        base = f"http://{host}:{port}"
+        ready = stop.serving = True
+        typer.echo(f"ready: {base}/predict  (models: {base}/models, OIP v2: {base}/v2, docs: {base}/docs)")
+        typer.echo(f"metrics: http://{node.node_ip_address}:{node.metrics_export_port}/metrics   "
+                   f"Ray logs: {node.get_logs_dir_path()}   Ctrl-C to stop")
+        while not stop.received:
+            time.sleep(0.2)
+        t_stop = time.monotonic()
+        if token:
+            first, left = drain(local_url(host, port), token, grace_period, stop)
+    except KeyboardInterrupt:  # a signal while starting
+        t_stop = time.monotonic()
     finally:
-        rs.shutdown()
+        stop.serving = True  # from here a signal only counts
+        try:
+            rs.shutdown()
+        finally:
+            if owned:
+                ray.shutdown()
+            stop.restore()
+    if not ready:
+        what = "before it was ready"
+    elif first is None:
+        what = "without waiting for requests in flight (the endpoint did not answer the drain)"
+    elif left:
+        what = f"took no new requests; {left} of the {first} in flight were cut after {grace_period:g} s"
+    else:
+        what = f"took no new requests, finished the {first} in flight"
+    down = "Serve and Ray" if owned else "Serve"
+    typer.echo(f"stopped on {stop.name}: {what}; {down} shut down in {time.monotonic() - t_stop:.1f} s")
 
 
 def predict(
