@@ -142,3 +142,32 @@ def test_ties_prefer_a_configuration_that_can_refer(tmp_path):
     res["mc_dropout"] = res["head"] == "d"
     res.to_csv(exp_dir / "results.csv", index=False)
     assert select_best(load_experiment(exp_dir), "accuracy")["head"] == "d"  # every accuracy is 1.0
+
+
+def test_one_se_rule_prefers_the_simplest_configuration_within_one_standard_error(tmp_path):
+    """Fold-paired differences: a probe within one SE of the best is chosen; a head better on
+    every fold by more than one SE is chosen over the probe; among equals the lower score."""
+    from raycyto.analysis.selection import one_se_choice
+
+    exp = load_experiment(fabricate_experiment(tmp_path / "e", seed=3))
+    rule = SelectionRule.parse("brier+1se")
+    cand = pd.DataFrame({"trial_id": ["head", "probe", "deep"], "score": [0.30, 0.31, 0.305],
+                         "baseline": [False, True, False], "finetune": ["frozen", "frozen", "full"],
+                         "mc_dropout": [True, False, True], "val_loss": [0.5, 0.5, 0.5]})
+
+    def folds(values: dict[str, list[float]]) -> pd.DataFrame:
+        return pd.DataFrame([{"trial_id": t, "fold": k, "value": v, "floor": float("nan"), "loss": 0.0}
+                             for t, vs in values.items() for k, v in enumerate(vs)])
+
+    # the probe is worse on average by 0.01, but the fold differences scatter by ~0.03: noise
+    exp.cache[("fold_scores", str(rule))] = folds({"head": [0.30, 0.28, 0.32, 0.29, 0.31],
+                                                    "probe": [0.34, 0.27, 0.30, 0.33, 0.31],
+                                                    "deep": [0.31, 0.29, 0.32, 0.30, 0.30]})
+    assert one_se_choice(exp, rule, cand) == "probe"
+    # the head beats the probe by 0.04 on every fold: beyond noise
+    exp.cache[("fold_scores", str(rule))] = folds({"head": [0.30, 0.28, 0.32, 0.29, 0.31],
+                                                    "probe": [0.34, 0.32, 0.36, 0.33, 0.35],
+                                                    "deep": [0.50, 0.50, 0.50, 0.50, 0.50]})
+    assert one_se_choice(exp, rule, cand) == "head"
+    # a plain rule never picks the probe, the +1se one may
+    assert not SelectionRule.parse("brier").one_se and SelectionRule.parse("brier+1se").one_se

@@ -118,14 +118,15 @@ def test_five_class_tables_equal_sklearn_on_the_predictions(five_exp):
     check_tables_against_sklearn(five_exp)
     exp = load_experiment(five_exp)
     assert len(per_class_table(exp)) == 2 * 5      # two configurations x five classes
-    assert select_best(exp)["select_metric"] == "accuracy"  # the sweep's search metric (val_accuracy)
+    assert select_best(exp)["select_metric"] == "brier+1se"   # DEFAULT_RULE, whatever the search metric
+    assert select_best(exp, "val_accuracy")["select_metric"] == "accuracy"
 
 
 def test_summary_has_one_row_per_configuration_using_its_best_validation_sample(binary_exp):
     exp = load_experiment(binary_exp)
-    summary = summary_table(exp)
+    summary = summary_table(exp, "accuracy")
     assert len(summary) == len(exp.results.groupby(["backbone", "finetune", "head"]))
-    hpo = hpo_table(exp)
+    hpo = hpo_table(exp, "accuracy")
     for s in summary.itertuples(index=False):
         cell = hpo[hpo["config"] == s.config]
         assert s.trial_id == cell.loc[cell["selection_score"].idxmax(), "trial_id"]
@@ -134,9 +135,9 @@ def test_summary_has_one_row_per_configuration_using_its_best_validation_sample(
     assert summary.loc[summary["best"], "val_score"].iloc[0] == summary["val_score"].max()
 
 
-def test_default_selection_is_the_search_metric_from_val_predictions(binary_exp):
+def test_accuracy_selection_is_the_fold_mean_of_val_predictions(binary_exp):
     exp = load_experiment(binary_exp)
-    scores = hpo_table(exp).set_index("trial_id")["selection_score"]
+    scores = hpo_table(exp, "accuracy").set_index("trial_id")["selection_score"]
     val = exp.val_predictions
     for trial, g in val.groupby("trial_id"):
         per_fold = [accuracy_score(f["label"], f["pred"]) for _, f in g.groupby("fold")]
@@ -191,7 +192,7 @@ def test_selection_follows_validation_predictions(tmp_path):
     """Make one non-selected trial perfect on validation: it must become its cell's choice."""
     exp_dir = fabricate_experiment(tmp_path / "e", seed=4)
     exp = load_experiment(exp_dir)
-    target = hpo_table(exp).query("not selected")["trial_id"].iloc[0]
+    target = hpo_table(exp, "accuracy").query("not selected")["trial_id"].iloc[0]
 
     def perfect_val(p: pd.DataFrame) -> pd.DataFrame:
         m = (p["split"] == "val") & (p["trial_id"] == target)
@@ -200,8 +201,8 @@ def test_selection_follows_validation_predictions(tmp_path):
 
     rewrite_predictions(exp_dir, perfect_val)
     after = load_experiment(exp_dir)
-    assert target in set(selection_table(after)["trial_id"])
-    assert select_best(after)["trial_id"] == target
+    assert target in set(selection_table(after, "accuracy")["trial_id"])
+    assert select_best(after, "accuracy")["trial_id"] == target
 
 
 def test_perfect_classifier_experiment_gives_ones_and_zero_ece(tmp_path):

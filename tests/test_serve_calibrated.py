@@ -1,7 +1,7 @@
 """The probe, selected and exported like any trial, served with its out-of-fold calibration.
 
 A copy of the tiny real sweep (``tiny_experiment``) whose trained heads are made poor on
-validation, so the default rule (``loss+1se``) selects the linear probe; the real CLI exports
+validation, so the default rule (``brier+1se``) selects the linear probe; the real CLI exports
 it (``--refer-rule set``, ``mc.coverage`` lowered to 0.8 in the copy's config.yaml, a level the
 bundle calibrates besides the defaults); ``raycyto predict`` and a live Serve app (/predict and
 OIP v2 infer through tritonclient) answer for the sweep's own images, and every served
@@ -127,7 +127,7 @@ def test_export_of_a_sweep_the_probe_wins_serves_through_raycyto_predict_and_pre
     from raycyto.analysis.tables import resolve_rule, select_best
 
     exp = load_experiment(exported.exp)
-    assert str(resolve_rule(exp)) == "loss+1se"   # the default rule
+    assert str(resolve_rule(exp)) == "brier+1se"   # the default rule
     best = select_best(exp)
     assert best["trial_id"] == PROBE and bool(best["baseline"]) and best["head"] == "probe", best.to_dict()
     html = write_report(exported.exp, tmp_path / "report").read_text()
@@ -137,9 +137,9 @@ def test_export_of_a_sweep_the_probe_wins_serves_through_raycyto_predict_and_pre
 
     meta = exported.meta
     assert meta["head"] == "probe" and meta["trial_id"] == PROBE and meta["name"].endswith("-probe")
-    assert meta["selection"]["trial_id"] == PROBE and meta["selection"]["rule"] == "loss+1se"
+    assert meta["selection"]["trial_id"] == PROBE and meta["selection"]["rule"] == "brier+1se"
     assert not meta["selection"]["named"]   # chosen by the rule, not by --trial
-    assert f"(trial {PROBE}, fold {meta['selection']['fold']}; rule loss+1se)" in exported.stdout
+    assert f"(trial {PROBE}, fold {meta['selection']['fold']}; rule brier+1se)" in exported.stdout
 
     images = exported.images   # the sweep's 20 images, both classes
     proc = subprocess.run([RAYCYTO, "predict", str(exported.model), *map(str, images)],

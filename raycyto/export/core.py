@@ -1,7 +1,7 @@
 """``raycyto export``: write the configuration the report calls best as a servable bundle.
 
 Selection is :mod:`raycyto.analysis.selection`'s one rule, the same the report highlights
-(``--select`` on both commands; default ``loss+1se``), on validation data only:
+(``--select`` on both commands; default ``brier+1se``), on validation data only:
 1. the trial: the configuration the rule picks: under the default one-SE rule the linear probe
    when no trained head beats it beyond noise (a probe bundle serves like any other);
 2. the fold: among that trial's folds, the best validation value under the same rule (ties:
@@ -126,55 +126,48 @@ def referral_for_export(exp: Any, trial_id: str, fold: int, target_recall: float
 
 def calibrate_guard(guard: Any, model: Any, meta: dict, exp: Any, trial_id: str, fold: int,
                     rate: float | None) -> Any:
-    """Give an uncalibrated guard (threshold infinite) a threshold from the fold's validation images.
+    """Threshold the guard on the exported fold's test images and the copies the model tolerates.
 
-    The sweep thresholds the guard at ``mc.ood_false_alarm`` with the split-conformal order
-    statistic, which needs ``ceil((n + 1) (1 - rate)) <= n`` validation images (19 at 5%);
-    a smaller validation fold leaves it infinite, and such a guard flags nothing. Here the
-    fold's validation images (predictions.parquet ``split == "val"`` paths; never a test
-    image) are embedded exactly as Serve does (the bundle's preprocessing and backbone, pooled
-    features), and the threshold becomes the order statistic at ``rate`` if the images
-    allow it, else their largest score: a new in-distribution image then exceeds it with
-    probability ``1 / (n + 1)`` (recorded as ``false_alarm_rate``, with ``calibrated_by``).
+    The per-image guard refers what the model cannot read (another task's images, photographs,
+    noise); a mildly shifted image of its own task (another scanner: JPEG re-save, blur,
+    contrast, a small rotation or rescale) is the drift monitor's business, not a referral.
+    So the threshold is set here, whatever the sweep set, on the exported fold's *test* images
+    (predictions.parquet ``split == "test"`` rows of this trial and fold: they chose nothing,
+    neither training, early stopping nor selection), each scored as the original, as shifted
+    copies (:data:`raycyto.referral.ood.GUARD_SHIFTS`, :mod:`raycyto.data.shift`, seeded) and,
+    when the sweep trained on augmented copies (``data.copies > 1``), as a copy of its
+    augmentation policy, embedded exactly as Serve does;
+    :func:`raycyto.referral.ood.calibrate_on_images` takes the largest per-family conformal
+    threshold at ``rate`` (or the largest score when too few images) and records
+    ``calibrated_by``, ``n_calibration`` (images) and ``calibration`` in the guard's meta.
 
     Returns:
-        ``guard`` (changed in place), or unchanged when it is calibrated already, or when
-        the images cannot be read here.
+        ``guard`` (changed in place), or unchanged when there is none or the images cannot be
+        read here.
     """
-    import torch
+    import yaml
 
-    from raycyto.referral.ood import conformal_upper_threshold
-    from raycyto.models.preprocessing import Preprocess
-    from raycyto.serve.predict import pooled_features
-    from raycyto.serve.validation import decode_upload
+    from raycyto.referral.ood import GUARD_POLICY_COPIES, GUARD_SEED, GUARD_SHIFTS, calibrate_on_images
+    from raycyto.serve.validation import ClientError, decode_upload
 
-    if guard is None or math.isfinite(guard.threshold):
+    if guard is None:
         return guard
     p = exp.predictions
-    paths = p.loc[(p["trial_id"] == str(trial_id)) & (p["fold"] == int(fold)) & (p["split"] == "val"), "path"]
+    paths = p.loc[(p["trial_id"].astype(str) == str(trial_id)) & (p["fold"] == int(fold))
+                  & (p["split"] == "test"), "path"]
     try:
         images = [decode_upload(Path(str(x)).read_bytes()) for x in sorted(set(paths))]
-    except (OSError, ValueError, RaycytoError):
+    except (OSError, ValueError, RaycytoError, ClientError):
         return guard
     if len(images) < 2:
         return guard
-    pre = Preprocess.from_bundle(meta, model.spec)
-    feats = []
-    with torch.no_grad():
-        for i in range(0, len(images), 16):
-            feats.append(pooled_features(model.features(pre(images[i:i + 16])).cpu().numpy()))
-    scores = guard.score(np.concatenate(feats))
-    rate = 0.05 if rate is None else float(rate)
-    threshold = conformal_upper_threshold(scores, rate)
-    achieved = rate
-    if not math.isfinite(threshold):
-        threshold, achieved = float(scores.max()), 1.0 / (len(scores) + 1)
-    guard.threshold, guard.false_alarm_rate, guard.n_calibration = float(threshold), float(achieved), len(scores)
-    guard.extra["calibrated_by"] = (f"raycyto export: {len(scores)} validation images of fold {fold} are too few "
-                                    f"for a {rate:g} false-alarm rate; largest validation score, rate "
-                                    f"{achieved:.3g}" if achieved != rate else
-                                    f"raycyto export on {len(scores)} validation images of fold {fold}")
-    return guard
+    data = (yaml.safe_load(exp.config_text) or {}).get("data") or {}
+    policy = data.get("policy")
+    trained_on_copies = policy not in (None, "none") and int(data.get("copies") or 1) > 1
+    return calibrate_on_images(guard, model, meta, images, 0.05 if rate is None else float(rate),
+                               shifts=GUARD_SHIFTS, policy=policy if trained_on_copies else None,
+                               policy_copies=GUARD_POLICY_COPIES if trained_on_copies else 0,
+                               seed=GUARD_SEED, source=f"test images of trial {trial_id} fold {fold}")
 
 
 def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str | None = None,
@@ -189,7 +182,7 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
             ``runs/demo/model`` for a main-job folder, else ``EXP_DIR/model``), or an
             object-store URI (``s3://bucket/models/x``, as a string): the verified bundle is
             written locally, then copied there.
-        select: the selection rule (default ``loss+1se``); the report's ``--select``.
+        select: the selection rule (default ``brier+1se``); the report's ``--select``.
         trial: export this trial id instead (e.g. a probe ``probe-<backbone>`` the rule did not pick).
         target_recall: recall target of the risk-controlled threshold (binary tasks; default
             ``mc.target_recall``), the report's ``--target-recall``.
