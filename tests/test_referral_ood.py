@@ -122,3 +122,112 @@ def test_energy_score_and_threshold_helpers():
         conformal_upper_threshold(np.arange(10.0), 5)
     with pytest.raises(RaycytoError, match=r"\[N, 192\]"):
         fit_mahalanobis(np.ones((10, D)) + np.arange(10)[:, None], np.zeros(10, int)).score(np.ones((2, 3)))
+
+
+# ----------------------------------------------------------------------------- shifted images
+
+
+def _karyogram_like(seed: int, size: int = 48) -> np.ndarray:
+    """A light background with dark banded bars (a karyogram's look), uint8 RGB."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 215, np.float32) + rng.normal(0, 3, (size, size, 3))
+    for x in range(4, size - 4, 8):
+        top, bottom = rng.integers(3, 10), rng.integers(size - 12, size - 3)
+        img[top:bottom, x:x + 4] = 90 + 40 * (np.arange(bottom - top)[:, None, None] // 3 % 2)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_shifts_are_deterministic_and_keep_the_image_shape():
+    from raycyto.data.shift import MILD, SHIFTS, get_shift, shifted_copy
+    from raycyto.errors import ConfigError
+
+    img = _karyogram_like(0)
+    assert set(MILD) <= set(SHIFTS) and {"jpeg", "blur", "contrast", "rotate", "rescale", "colour"} <= set(SHIFTS)
+    for name, fn in SHIFTS.items():
+        a = fn(img, np.random.default_rng(7))
+        b = fn(img.copy(), np.random.default_rng(7))
+        assert a.dtype == np.uint8 and a.shape == img.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        np.testing.assert_array_equal(shifted_copy(img, name, 3, copy=1), shifted_copy(img, name, 3, copy=1))
+        assert not np.array_equal(a, img), name                          # it does shift
+        # different copies draw different parameters (at least one of three differs)
+        assert any(not np.array_equal(shifted_copy(img, name, 3, copy=0), shifted_copy(img, name, 3, copy=c))
+                   for c in (1, 2, 3)), name
+    with pytest.raises(ConfigError, match="unknown shift"):
+        get_shift("sepia")
+
+
+def test_pooled_conformal_threshold_generalises_the_one_copy_rule():
+    from raycyto.referral.ood import pooled_conformal_threshold
+
+    s = np.random.default_rng(0).normal(size=50)
+    assert pooled_conformal_threshold(s, 0.1) == conformal_upper_threshold(s, 0.1)
+    assert pooled_conformal_threshold(s[:, None], 0.1) == conformal_upper_threshold(s, 0.1)
+    assert math.isinf(pooled_conformal_threshold(np.ones((10, 4)), 0.05))
+    # a new image (a random copy of it) is flagged at most at the stated rate
+    rng = np.random.default_rng(1)
+    rates = []
+    for _ in range(200):
+        base = rng.normal(size=(41, 1))                                 # image effect
+        scores = base + 0.5 * rng.normal(size=(41, 5))                  # 5 copies each
+        t = pooled_conformal_threshold(scores[:40], 0.1)
+        rates.append(np.mean(scores[40] > t))
+    assert np.mean(rates) <= 0.1 + 3 * 0.3 / math.sqrt(200)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """Frozen ImageNet EfficientNet-Lite0 at 64 px (a bundle's model + model.json preprocess)."""
+    from raycyto.models.classifier import build_classifier
+    from raycyto.models.preprocessing import Preprocess
+
+    model = build_classifier("efficientnet_lite0", "a", 2, pretrained=True).eval()
+    return model, {"preprocess": Preprocess.build(model.spec, 64, 64).to_dict()}
+
+
+def _karyograms(first: int, n: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """n karyogram-like images (class 1: an extra dark bar), seeds first..first+n-1."""
+    imgs, labels = [], []
+    for seed in range(first, first + n):
+        img = _karyogram_like(seed, 64)
+        if seed % 2:
+            img[40:56, 26:30] = 70
+        imgs.append(img)
+        labels.append(seed % 2)
+    return imgs, np.array(labels)
+
+
+def test_guard_calibrated_on_scanner_copies_keeps_shifted_images_and_refers_other_images(tiny_model, leuk_dir):
+    """Fitted on 40 images, calibrated on 30 others and their scanner copies: mildly shifted new
+    images (each family) are rarely flagged, blood smears and noise always; calibrated on the
+    originals alone, the same guard flags most shifted images (issue 19)."""
+    import copy
+
+    import cv2
+
+    from raycyto.data.shift import MILD, shifted_copy
+    from raycyto.referral.ood import calibrate_on_images, pooled_image_features
+
+    model, meta = tiny_model
+    train, y = _karyograms(0, 40)
+    cal, _ = _karyograms(100, 30)
+    new, _ = _karyograms(200, 20)
+    guard = fit_mahalanobis(pooled_image_features(model, meta, train), y, pca_dim=16, normalize=True)  # as the sweep
+    old = calibrate_on_images(copy.deepcopy(guard), model, meta, cal, 0.1, shifts=())
+    guard = calibrate_on_images(guard, model, meta, cal, 0.1)
+    meta_out = json.loads(json.dumps(guard.meta()))
+    assert meta_out["n_calibration"] == 30 and meta_out["calibration"]["copies"] == ["original", "scanner#1", "scanner#2"]
+    assert "30 images" in meta_out["calibrated_by"]
+    shifted = [shifted_copy(img, fam, 7, copy=i) for i, img in enumerate(new) for fam in MILD]
+    s_new = guard.score(pooled_image_features(model, meta, new))
+    s_shift = guard.score(pooled_image_features(model, meta, shifted))
+    others = [cv2.imread(str(p))[..., ::-1].copy() for p in sorted(leuk_dir.rglob("*.png"))]
+    rng = np.random.default_rng(0)
+    others += [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    others += [np.full((64, 64, 3), v, np.uint8) for v in (0, 255)]
+    s_out = guard.score(pooled_image_features(model, meta, others))
+    assert np.mean(s_shift > guard.threshold) <= 0.15
+    assert np.mean(s_new > guard.threshold) <= 0.15
+    assert np.all(s_out > guard.threshold)
+    assert ood_auroc(np.r_[s_new, s_shift], s_out) >= 0.95
+    assert np.mean(s_shift > old.threshold) >= 0.5                # the originals-only threshold

@@ -12,9 +12,19 @@ of an input is its smallest Mahalanobis distance to a class mean. Here:
   sigma^2`` with sigma^2 the mean training variance per discarded dimension (the
   probabilistic-PCA covariance ``V L V^T + sigma^2 (I - V V^T)``). An image unlike the
   training set often differs exactly there.
-- The threshold is calibrated on held-out in-distribution (validation) features at a
-  stated false-alarm rate: the ``ceil((n + 1) (1 - rate))``-th smallest validation score,
-  so a new in-distribution input is flagged with probability <= rate (exchangeability).
+- The threshold is calibrated on held-out in-distribution features at a stated false-alarm
+  rate: the ``ceil((n + 1) (1 - rate))``-th smallest held-out score, so a new
+  in-distribution input is flagged with probability <= rate (exchangeability).
+- A shifted image of the model's own task (another lab's scanner: JPEG re-save, blur,
+  contrast, a small rotation or rescale) is not out of distribution: the model still reads
+  it, and a scanner change is the drift monitor's business (once per window), not a referral
+  per image. Calibrated on the originals alone, the guard referred every such image (scores
+  10-20x the threshold). :func:`calibrate_on_images` (what ``raycyto export`` runs, on the
+  exported fold's test images) therefore scores each calibration image as the original and
+  as copies from :mod:`raycyto.data.shift` (and the training augmentation when the model
+  trained on copies) and takes the largest per-family threshold (:func:`set_threshold`):
+  each family is flagged with probability <= rate, while other tasks' images, photographs
+  and noise stay several times above it (``benchmarks/ood_guard.py``).
 
 Storage (:meth:`MahalanobisGuard.arrays`, float32): mean [D], basis [D, K], whitener
 [K, K] (Cholesky factor of the precision), class_means [C, K]: for D = 1280, K = 128
@@ -231,3 +241,178 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, pca_dim: int = 128
         residual_var = residual_var if residual_var > 0 else 0.0
     return MahalanobisGuard(mean, basis, whitener, class_means, residual_var, normalize,
                             n_train=n)
+
+
+# ----------------------------------------------------------------------------- images
+
+GUARD_SHIFTS: tuple[str, ...] = ("scanner", "scanner")
+"""Shift copies per calibration image (:data:`raycyto.data.shift.SHIFTS` families; a repeated
+family gives independent draws). The ``scanner`` composite (rescale, rotation, blur, colour,
+contrast, JPEG at once) scores above every single family on the demo karyograms, so adding the
+single families left the per-family threshold unchanged (``benchmarks/ood_guard.py --variants``)
+at four times the embedding cost."""
+GUARD_POLICY_COPIES = 1
+"""Copies of the training augmentation policy per calibration image, when the sweep trained on
+copies (``data.copies > 1``); none otherwise (the model never saw them)."""
+GUARD_SEED = 0
+
+
+def copy_family(name: str) -> str:
+    """``"scanner#2" -> "scanner"``, ``"karyogram#1" -> "karyogram"``, ``"original" -> "original"``."""
+    return name.split("#", 1)[0]
+
+
+def pooled_conformal_threshold(scores: np.ndarray, false_alarm_rate: float) -> float:
+    """Threshold from ``n`` calibration images with ``m`` copies each (scores ``[n, m]``).
+
+    The ``ceil((1 - rate) (1 + 1/n) n m)``-th smallest of the pooled scores (``inf`` if that
+    exceeds ``n m``): the average of the images' empirical CDFs reaches ``(1 - rate)(n + 1)/n``
+    there, so with a new image's CDF added it still reaches ``1 - rate``, and by the images'
+    exchangeability a new image, shown as a copy drawn uniformly from the same families, is
+    flagged with probability <= rate (the pooled-CDF argument of Dunn, Wasserman & Ramdas
+    2022). With ``m = 1`` this is :func:`conformal_upper_threshold`.
+    """
+    s = np.asarray(scores, dtype=float)
+    s = s[:, None] if s.ndim == 1 else s
+    if s.ndim != 2 or s.size == 0:
+        raise RaycytoError(f"scores must be [n images, m copies]; got shape {s.shape}")
+    if not 0 < false_alarm_rate < 1:
+        raise RaycytoError(f"false alarm rate {false_alarm_rate}: must be in (0, 1), e.g. 0.05")
+    n, m = s.shape
+    k = math.ceil((1 - false_alarm_rate) * (n + 1) * m - 1e-9)
+    flat = np.sort(s.ravel())
+    return float(flat[k - 1]) if 1 <= k <= n * m else math.inf
+
+
+def family_thresholds(scores: np.ndarray, names: list[str], false_alarm_rate: float) -> dict[str, float]:
+    """Per copy family (:func:`copy_family` of ``names``), the pooled conformal threshold of its
+    columns of ``scores`` ``[n, m]``. Their maximum flags a new image shown under *any* one of
+    the families with probability <= rate (each family's own guarantee; a higher threshold
+    only flags less)."""
+    s = np.asarray(scores, dtype=float)
+    if s.ndim != 2 or s.shape[1] != len(names):
+        raise RaycytoError(f"scores must be [n images, {len(names)} copies]; got shape {s.shape}")
+    fams = list(dict.fromkeys(copy_family(c) for c in names))
+    return {f: pooled_conformal_threshold(s[:, [copy_family(c) == f for c in names]], false_alarm_rate)
+            for f in fams}
+
+
+def pooled_image_features(model: Any, meta: dict, images: list[np.ndarray], batch: int = 16) -> np.ndarray:
+    """Pooled backbone features ``[N, D]`` of decoded images, exactly as Serve scores them.
+
+    The bundle's preprocessing (:meth:`raycyto.models.preprocessing.Preprocess.from_bundle`),
+    one deterministic backbone forward (``model.features``, eval mode) and spatial maps
+    averaged over positions (:func:`raycyto.serve.predict.pooled_features`).
+
+    Args:
+        model: a loaded bundle's classifier; meta: its model.json; images: uint8 RGB ``[H, W, 3]``.
+    """
+    import torch
+
+    from raycyto.models.preprocessing import Preprocess
+    from raycyto.serve.predict import pooled_features
+
+    pre = Preprocess.from_bundle(meta, model.spec)
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            feats = model.features(pre(images[i:i + batch]).to(device))
+            out.append(pooled_features(feats.detach().cpu().numpy()))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def calibration_copies(images: list[np.ndarray], shifts: tuple[str, ...] = (), policy: str | None = None,
+                       policy_copies: int = 0, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """The copies a guard is calibrated on: per image, the original, ``policy_copies`` copies
+    of the training augmentation ``policy`` (copy indices drawn in 1..32) and one copy per entry
+    of ``shifts`` (:data:`raycyto.data.shift.SHIFTS`; a repeated family draws again);
+    deterministic given ``seed`` and the pixels.
+
+    Returns:
+        ``(copies, names)``: ``len(images) * m`` images, image-major (image i's copies are
+        ``copies[i*m:(i+1)*m]``), and the ``m`` copy names (``original``, ``karyogram#1``,
+        ``scanner#1``, ``scanner#2``...).
+    """
+    from raycyto.data.augment import augment, copy_rng, image_key
+    from raycyto.data.shift import get_shift, shifted_copy
+
+    for name in shifts:
+        get_shift(name)
+    draws: list[tuple[str, int]] = []
+    for name in shifts:
+        draws.append((name, sum(1 for d in draws if d[0] == name) + 1))
+    names = (["original"] + [f"{policy}#{c}" for c in range(1, policy_copies + 1)]
+             + [f"{name}#{c}" for name, c in draws])
+    out = []
+    for img in images:
+        key = image_key(img)
+        out.append(img)
+        for c in range(1, policy_copies + 1):  # a copy index drawn in 1..32 (the leukemia policy's
+            index = int(copy_rng(seed, f"calibration\x00{key}", c).integers(1, 33))  # 33-copy cycle)
+            out.append(augment(img, policy, seed, key, index))
+        out += [shifted_copy(img, name, seed, copy=c, key=key) for name, c in draws]
+    return out, names
+
+
+def set_threshold(guard: MahalanobisGuard, scores: np.ndarray, names: list[str],
+                  false_alarm_rate: float = 0.05, source: str = "images",
+                  settings: dict[str, Any] | None = None) -> MahalanobisGuard:
+    """Threshold ``guard`` at the largest per-family conformal threshold of calibration scores.
+
+    Args:
+        scores: ``[n images, m copies]`` guard scores; names: the ``m`` copy names
+            (:func:`calibration_copies`).
+        source: what the images are, for the record; settings: how the copies were made.
+
+    Returns:
+        ``guard``, changed in place: threshold (max of :func:`family_thresholds`, or the largest
+        score when the images are too few for the rate: the rate recorded is then
+        ``1 / (n + 1)``), false_alarm_rate, n_calibration (images), and in its meta
+        ``calibrated_by`` (text) and ``calibration`` (images, copies, per-family thresholds).
+    """
+    s = np.asarray(scores, dtype=float)
+    n = int(s.shape[0])
+    per_family = family_thresholds(s, names, false_alarm_rate)
+    threshold, achieved = max(per_family.values()), float(false_alarm_rate)
+    if not math.isfinite(threshold):
+        threshold, achieved = float(s.max()), 1.0 / (n + 1)
+    guard.threshold, guard.false_alarm_rate, guard.n_calibration = float(threshold), achieved, n
+    fams = ", ".join(f"{f} x{sum(copy_family(c) == f for c in names)}" for f in per_family)
+    what = f"{n} {source}, each as {fams}: the largest per-family conformal threshold"
+    guard.extra["calibrated_by"] = (what if achieved == false_alarm_rate else
+                                    f"{what}; too few images for a {false_alarm_rate:g} false-alarm "
+                                    f"rate: largest score, rate {achieved:.3g}")
+    guard.extra["calibration"] = {
+        "images": n, "copies_per_image": len(names), "copies": list(names), "source": source,
+        "rule": "max over families of the pooled conformal threshold",
+        "family_thresholds": {f: (None if math.isinf(t) else float(t)) for f, t in per_family.items()},
+        **(settings or {})}
+    return guard
+
+
+def calibrate_on_images(guard: MahalanobisGuard, model: Any, meta: dict, images: list[np.ndarray],
+                        false_alarm_rate: float = 0.05, shifts: tuple[str, ...] = GUARD_SHIFTS,
+                        policy: str | None = None, policy_copies: int = 0, seed: int = GUARD_SEED,
+                        source: str = "images") -> MahalanobisGuard:
+    """Threshold ``guard`` on decoded in-distribution images and the copies the model tolerates.
+
+    A mildly shifted image of the model's own task (another scanner) is not out of distribution:
+    each image is scored as the original, ``policy_copies`` copies of the training augmentation
+    ``policy`` and one copy per entry of ``shifts`` (:func:`calibration_copies`), through the
+    bundle exactly as Serve scores it (:func:`pooled_image_features`), and the threshold is the
+    largest per-family conformal threshold (:func:`set_threshold`): a new in-distribution image
+    under any one of those families is flagged with probability <= ``false_alarm_rate``. The
+    images must have chosen nothing (no training, early-stopping or selection image: the
+    exported fold's test images).
+
+    Returns:
+        ``guard``, changed in place (see :func:`set_threshold`).
+    """
+    if len(images) < 2:
+        raise RaycytoError(f"calibrating the guard needs at least 2 images; got {len(images)}")
+    copies, names = calibration_copies(images, tuple(shifts), policy, policy_copies, seed)
+    scores = guard.score(pooled_image_features(model, meta, copies)).reshape(len(images), len(names))
+    return set_threshold(guard, scores, names, false_alarm_rate, source,
+                         {"seed": int(seed), "shifts": list(shifts), "policy": policy,
+                          "policy_copies": int(policy_copies)})
