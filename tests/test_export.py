@@ -53,9 +53,9 @@ def test_export_picks_the_reports_best_trial_then_its_best_validation_fold(fake_
     from raycyto.analysis import load_experiment, select_best
     from raycyto.export.core import export_model
 
-    out = export_model(fake_experiment, tmp_path / "model")
+    out = export_model(fake_experiment, tmp_path / "model", select="accuracy")
     doc = json.loads((out / "model.json").read_text())
-    best = select_best(load_experiment(fake_experiment))["trial_id"]
+    best = select_best(load_experiment(fake_experiment), "accuracy")["trial_id"]
     folds = _fold_scores(fake_experiment, best, accuracy_score)
     fold = max(sorted(folds), key=lambda k: folds[k])  # ties: the lowest fold
     assert doc["selection"]["trial_id"] == best and doc["selection"]["fold"] == fold

@@ -54,7 +54,7 @@ def _sweep(root: Path, head: str, input_size: int):
         "mc": {"passes": 12},
     })
     exp = run_sweep(cfg, out=root / "exp", progress=False)
-    model = export_model(exp, root / "model")
+    model = export_model(exp, root / "model", select="accuracy")   # the trained head, never the probe
     meta = json.loads((model / "model.json").read_text())
     preds = pd.read_parquet(exp / "predictions.parquet")
     preds = preds[(preds["trial_id"] == meta["selection"]["trial_id"]) & (preds["fold"] == meta["selection"]["fold"])

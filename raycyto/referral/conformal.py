@@ -109,8 +109,10 @@ def conformity_scores(probs: np.ndarray, labels: np.ndarray, score: str,
     Args:
         probs: [N, C]; labels: [N] ints.
         score: ``"lac"`` or ``"aps"``.
-        u: [N] uniforms for ``aps``: the score is ``above_y + u p_y``; None = ``u = 1``
-            (the non-randomized score, the probability mass up to and including ``y``).
+        u: [N] uniforms for ``aps``: the score is ``above_y + u p_y``; None: ``u = 0``, the
+            mass strictly above ``y`` (the non-randomized score that matches sets which always
+            take the class crossing the threshold: ``y`` is in the set exactly when its score
+            is within the threshold).
 
     Returns:
         [N] scores.
@@ -121,7 +123,7 @@ def conformity_scores(probs: np.ndarray, labels: np.ndarray, score: str,
     if score == "lac":
         return 1.0 - p[rows, y]
     if score == "aps":
-        u = np.ones(len(y)) if u is None else np.asarray(u, dtype=float)
+        u = np.zeros(len(y)) if u is None else np.asarray(u, dtype=float)
         return mass_above(p)[rows, y] + u * p[rows, y]
     raise RaycytoError(f"conformal score {score!r} unknown; choose from {list(SCORES)}")
 
