@@ -231,3 +231,15 @@ def test_guard_calibrated_on_scanner_copies_keeps_shifted_images_and_refers_othe
     assert np.all(s_out > guard.threshold)
     assert ood_auroc(np.r_[s_new, s_shift], s_out) >= 0.95
     assert np.mean(s_shift > old.threshold) >= 0.5                # the originals-only threshold
+
+
+def test_fewer_training_images_than_dimensions_turn_the_residual_off():
+    """With n - 1 PCA directions the basis spans the training images: their residual is
+    rounding noise, which must not become the scale every new image is divided by."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(12, 64)).astype(np.float32)
+    y = np.arange(12) % 2
+    guard = fit_mahalanobis(x, y, pca_dim=128)
+    assert guard.residual_var == 0.0
+    new = rng.normal(size=(20, 64)).astype(np.float32)
+    assert np.median(guard.score(new)) < 1e6 * np.median(guard.score(x)) + 1e6   # no 1e15 blow-up

@@ -237,8 +237,10 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, pca_dim: int = 128
     residual_var = 0.0
     if residual and basis.shape[1] < d:
         r2 = np.maximum((xc ** 2).sum(1) - (z ** 2).sum(1), 0.0)
-        residual_var = float(r2.mean() / (d - basis.shape[1]))
-        residual_var = residual_var if residual_var > 0 else 0.0
+        # fewer training images than dimensions: the basis spans them and r2 is rounding
+        # noise (1e-16), which would blow every new image's score up by 1e15; no residual then
+        meaningful = r2.mean() > 1e-9 * max(float((xc ** 2).sum(1).mean()), 1e-300)
+        residual_var = float(r2.mean() / (d - basis.shape[1])) if meaningful else 0.0
     return MahalanobisGuard(mean, basis, whitener, class_means, residual_var, normalize,
                             n_train=n)
 
