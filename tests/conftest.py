@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,32 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def pids_naming(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def stop_head(temp_dir: str) -> None:
+    """Stop only the processes of the head we started (their command lines name our temp dir);
+    ``ray stop`` would also stop every other Ray on this machine."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids_naming(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + 15
+        while pids_naming(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
 
 
 def encode_image(image, ext: str) -> bytes:

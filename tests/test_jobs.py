@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_ports, tiny_sweep_config
+from conftest import free_ports, stop_head, tiny_sweep_config
 
 from raycyto.analysis.load import read_csv
 
@@ -33,32 +32,6 @@ def _command(name: str):
     from raycyto.cli import app
 
     return typer.main.get_command(app).commands[name]
-
-
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _stop_head(temp_dir: str) -> None:
-    """Stop only the processes of the head we started (their command lines name our temp dir);
-    ``ray stop`` would also stop every other Ray on this machine."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_naming(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + 15
-        while _pids_naming(temp_dir) and time.time() < deadline:
-            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +69,7 @@ def job_experiment(karyo_dir, tmp_path_factory) -> Path:
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
     finally:
-        _stop_head(temp_dir)
+        stop_head(temp_dir)
     return out
 
 

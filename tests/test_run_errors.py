@@ -11,17 +11,15 @@ ship in a package and are always found).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import encode_image, free_ports, tiny_sweep_config
+from conftest import encode_image, free_ports, stop_head, tiny_sweep_config
 
 BIN = Path(sys.executable).parent
 MISSING_WEIGHTS = "resnet18-f37072fd.pth not found"
@@ -78,32 +76,6 @@ def _inputs(root: Path) -> dict[str, list[str]]:
     }
 
 
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _stop_head(temp_dir: str) -> None:
-    """Stop only the head started here (its processes name our temp dir; ``ray stop`` would stop
-    every Ray on this machine)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_naming(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + 10
-        while _pids_naming(temp_dir) and time.time() < deadline:
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     """case -> (exit code, stdout, stderr) of its ``raycyto`` process."""
@@ -137,7 +109,7 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-        _stop_head(temp_dir)
+        stop_head(temp_dir)
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import hashlib
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
+from test_synth import _hashes, _rows
 
 from raycyto.config import load_config
 from raycyto.errors import ConfigError
@@ -17,16 +15,6 @@ from raycyto.synth.core import _render_range, patients_from_counts, plan_counts
 
 COUNTS = {"HLT": 5, "ALL": 2, "CML": 3}  # odd counts: HLT and CML each end on a 1-image patient
 STUDY_B = {"HLT": 59, "ALL": 49, "AML": 58, "CLL": 46, "CML": 54}
-
-
-def _rows(out: Path) -> list[dict[str, str]]:
-    with (out / "manifest.csv").open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _hashes(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_counts_per_class_and_patients_of_one_class(tmp_path):
