@@ -8,7 +8,8 @@ of the exported fold, and plain warnings when it is not better than chance. Key 
 follow, then the comparison of configurations, then the wide tables, folded.
 
 Tables besides summary/per_class/folds/hpo/mispredictions/selection
-(:mod:`raycyto.analysis.referral`; every threshold fitted on a fold's validation rows only):
+(:mod:`raycyto.analysis.referral`; every threshold cross-fitted on the other folds' out-of-fold
+test rows, never on validation rows):
 
 - conformal.csv: LAC and APS prediction sets at ``mc.conformal_levels``, marginal and
   class-conditional (Mondrian), empirical coverage on test folds next to the level;

@@ -1,10 +1,8 @@
-"""raycyto.serve: export a trained model and serve it (Ray Serve) or predict offline.
+"""raycyto.serve: serve exported bundles (Ray Serve) or predict offline.
 
-Public API (import from the submodules; nothing heavy is imported here):
+Public API (import from the submodules; nothing heavy is imported here; ``raycyto export``
+lives in :mod:`raycyto.export`, the referral rule in :mod:`raycyto.referral.policy`):
 
-- ``export.export_model(exp_dir, out, best=None, trial=None) -> Path``: best trial by
-  validation metric (results.csv), then best fold by best-epoch validation metric
-  (histories), re-saved as a verified bundle with provenance and metrics in model.json.
 - ``app.build_app(args: AppArgs) -> Application``: typed Serve application builder
   (``import_path: raycyto.serve.app:build_app``): Ingress (FastAPI) -> Backbone
   (``@serve.batch``) -> MCHead replicas.
