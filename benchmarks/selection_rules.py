@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import pandas as pd
 
 from raycyto.analysis.load import load_experiment, resolve_experiment_dir

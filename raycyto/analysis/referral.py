@@ -20,13 +20,13 @@ The report writes the measurements (conformal.csv, thresholds.csv); ``raycyto ex
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pandas as pd
 
 from raycyto.referral.conformal import SCORES, conformal_folds, conformal_summary
-from raycyto.referral.fit import levels_of, min_positives, oof_rows, probability_columns, with_uniforms
+from raycyto.referral.fit import levels_of, min_positives, probability_columns, with_uniforms
 
 if TYPE_CHECKING:  # pragma: no cover
     from raycyto.analysis.load import Experiment

@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 import pandas as pd
 
 from raycyto.config import ConfigError, MCConfig, load_config, to_dict
