@@ -109,5 +109,10 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint_and_finishes(exp)
     assert sorted(e["fold"] for e in events if e["event"] == "fold_done") == list(range(FOLDS))
     row = exp["results"].set_index("trial_id").loc[failed]
     assert row["status"] == "TERMINATED" and row["folds_done"] == FOLDS
+    # the restart is on record: results.csv's restarts column and experiment.json's restarts
+    assert row["restarts"] == 1 and _trained(exp["results"])["restarts"].sum() == 1
+    assert json.loads((d / "experiment.json").read_text())["restarts"] == {failed: 1}
+    nodes = _trained(exp["results"])["node_id"]  # which node ran each trial: the one local node
+    assert nodes.nunique() == 1 and len(nodes.iloc[0]) == 56 and row["node_id"] == starts[1]["node_id"]
     for tid in set(_trained(exp["results"])["trial_id"]) - {failed}:
         assert sum(e["event"] == "start" for e in read_events(d, tid)) == 1

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -296,16 +297,30 @@ def head_has_dropout(cfg: SweepConfig, head: str) -> bool:
     return has_mc_dropout(build_head(head, 8, 2, **cfg.grid.head_kwargs.get(head, {})))
 
 
-def collect(grid: Any, cfg: SweepConfig, exp_dir: Path, baselines: Optional[list[dict]] = None) -> pd.DataFrame:
+def trial_failures(tune_path: str) -> dict[str, int]:
+    """Failures per Tune trial id over the whole run, restores included (Tune keeps the count in
+    its experiment state): each one cost a restart, from the last finished fold or from scratch."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: int(t.num_failures) for t in ExperimentAnalysis(tune_path).trials}
+    except Exception as exc:  # diagnostics only: a sweep's results never depend on it
+        warnings.warn(f"could not read Tune's failure counts at {tune_path}: {exc}")
+        return {}
+
+
+def collect(grid: Any, cfg: SweepConfig, exp_dir: Path, baselines: Optional[list[dict]] = None,
+            failures: Optional[dict[str, int]] = None) -> pd.DataFrame:
     """Write results.csv and predictions.parquet from a ResultGrid, the baseline rows and the
-    per-fold files."""
+    per-fold files; ``failures`` (Tune trial id -> count) fills the ``restarts`` column."""
     rows = []
     for r in grid:
         c, m = r.config or {}, r.metrics or {}
         tid = _trial_id(r)
         complete = r.error is None and int(m.get("folds_done", 0)) == cfg.cv.folds
         row = {"trial_id": tid, **{k: c.get(k) for k in CELL}, "lr": c.get("lr"), "batch_size": c.get("batch_size"),
-               "status": "TERMINATED" if complete else "ERROR", "folds_done": int(m.get("folds_done", 0))}
+               "status": "TERMINATED" if complete else "ERROR", "folds_done": int(m.get("folds_done", 0)),
+               "node_id": m.get("node_id", ""), "restarts": (failures or {}).get(tid, 0)}
         for split in ("val", "test"):
             row.update({f"{split}_{k}": m.get(f"{split}_{k}", np.nan) for k in METRICS})
         row.update({"time_s": m.get("time_total_s", np.nan), "history_dir": f"histories/{tid}",
@@ -329,7 +344,8 @@ def collect(grid: Any, cfg: SweepConfig, exp_dir: Path, baselines: Optional[list
 
 
 def _write_experiment(cfg: SweepConfig, ctx: Any, data: dict, exp_dir: Path, started: float,
-                      finished: Optional[float], tune_wall_s: Optional[float] = None) -> None:
+                      finished: Optional[float], tune_wall_s: Optional[float] = None,
+                      restarts: Optional[dict[str, int]] = None) -> None:
     doc = {
         "name": cfg.name,
         "task": cfg.data.synthetic.task if cfg.data.source == "synthetic" else (
@@ -345,6 +361,8 @@ def _write_experiment(cfg: SweepConfig, ctx: Any, data: dict, exp_dir: Path, sta
         "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
         "wall_s": None if finished is None else round(finished - started, 2),
         "tune_wall_s": None if tune_wall_s is None else round(tune_wall_s, 2),
+        # trials that failed (a lost node, an error) and were restarted: Tune trial id -> count
+        "restarts": {tid: n for tid, n in sorted((restarts or {}).items()) if n},
         "raycyto_version": raycyto.__version__,
     }
     (exp_dir / "experiment.json").write_text(json.dumps(doc, indent=2, default=str))
@@ -398,8 +416,9 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
     tune_wall = time.time() - t_fit
     if ctx.artifact_uri:
         _fetch_artifacts(ctx.artifact_uri, exp_dir)
-    collect(grid, cfg, exp_dir, baselines)
-    _write_experiment(cfg, ctx, data, exp_dir, started, time.time(), tune_wall)
+    failures = trial_failures(tune_storage(cfg, exp_dir))
+    collect(grid, cfg, exp_dir, baselines, failures)
+    _write_experiment(cfg, ctx, data, exp_dir, started, time.time(), tune_wall, failures)
     if ctx.artifact_uri:
         _upload(exp_dir, ctx.artifact_uri)
     if progress:

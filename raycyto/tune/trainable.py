@@ -464,8 +464,9 @@ def cv_trainable(config: dict, ctx: TrialContext) -> None:
 
     from raycyto.device import worker_device
 
+    node_id = ray.get_runtime_context().get_node_id()  # results.csv: which node ran the trial
     _event(ctx.exp_dir, trial_id, "start", restored_folds=sorted(done), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
-           device=worker_device())
+           device=worker_device(), node_id=node_id)
     _wait_hooks(ctx, trial_id)
     runner = FoldRunner(config, ctx)
     for split in ctx.splits:
@@ -477,7 +478,7 @@ def cv_trainable(config: dict, ctx: TrialContext) -> None:
                val=done[split.fold]["val"])
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / FOLDS_FILE).write_text(json.dumps({str(k): v for k, v in done.items()}))
-            tune.report({**fold_means(done), "folds_done": len(done)},
+            tune.report({**fold_means(done), "folds_done": len(done), "node_id": node_id},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
         if ctx.fail_once and not Path(ctx.fail_once).exists():
             Path(ctx.fail_once).write_text(trial_id)
