@@ -151,10 +151,10 @@ class GridConfig:
     def cells(self) -> list[tuple[str, str, str]]:
         """All (backbone, finetune, head) cells in config order. Spatial heads (``s``) read a
         frozen backbone's feature map: they pair with ``frozen`` only."""
-        from raycyto.models.spatial import is_spatial
+        from raycyto.models.heads import HEADS
 
         return [(b, f, h) for b in self.backbones for f in self.finetune for h in self.heads
-                if f == "frozen" or not is_spatial(h)]
+                if f == "frozen" or not (h in HEADS and HEADS[h].reads_map)]
 
     def _check(self, prefix: str) -> None:
         for name in ("backbones", "finetune", "heads"):
@@ -178,9 +178,7 @@ class GridConfig:
                 raise ConfigError(f"{prefix}.heads", f"{head!r} is the baseline every frozen-backbone sweep "
                                                     "fits by itself (results.csv rows probe-<backbone>); "
                                                     "remove it from grid.heads")
-        from raycyto.models.spatial import is_spatial
-
-        if any(is_spatial(h) for h in self.heads) and "frozen" not in self.finetune:
+        if any(HEADS[h].reads_map for h in self.heads if h in HEADS) and "frozen" not in self.finetune:
             raise ConfigError(f"{prefix}.heads", "spatial heads (s) read a frozen backbone's feature map: "
                                                 "add frozen to grid.finetune or remove s")
         for name, known, values in (("backbones", BACKBONES, self.backbones), ("heads", HEADS, self.heads)):

@@ -8,12 +8,18 @@ import torch
 from torch import Tensor, nn
 
 from raycyto.models.finetune import FINETUNE_MODES, apply_finetune, frozen_batchnorms
-from raycyto.models.heads import build_head
+from raycyto.models.heads import build_head, head_spec
 from raycyto.models.mc import MCDropout
 from raycyto.models.registry import BackboneSpec, build_backbone, build_map_extractor, get_spec
-from raycyto.models.spatial import is_spatial
 
 __all__ = ["Classifier", "build_classifier", "FINETUNE_MODES"]
+
+#: what a head reads (``HeadSpec.reads``) -> (backbone builder, head input width from the spec):
+#: pooled heads sit on the whole backbone, map heads on the backbone up to its feature map
+_INPUTS = {
+    "pooled": (build_backbone, lambda spec: spec.feature_dim),
+    "map": (lambda name, pretrained: build_map_extractor(name, pretrained), lambda spec: spec.feature_map.channels),
+}
 
 
 class Classifier(nn.Module):
@@ -101,16 +107,14 @@ def build_classifier(backbone: str, head: str, num_classes: int, finetune: str =
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(int(seed))
-        if is_spatial(head):  # the backbone up to its feature map; the head reads the map
-            if finetune != "frozen":
-                from raycyto.errors import RaycytoError
+        hs = head_spec(head)
+        if hs.reads_map and finetune != "frozen":
+            from raycyto.errors import RaycytoError
 
-                raise RaycytoError(f"spatial head {head!r} runs on a frozen backbone only, got finetune={finetune!r}")
-            bb = build_map_extractor(backbone, pretrained)
-            hd = build_head(head, spec.feature_map.channels, num_classes, **head_kwargs)
-        else:
-            bb = build_backbone(backbone, pretrained)
-            hd = build_head(head, spec.feature_dim, num_classes, **head_kwargs)
+            raise RaycytoError(f"spatial head {head!r} runs on a frozen backbone only, got finetune={finetune!r}")
+        extractor, in_dim = _INPUTS[hs.reads]
+        bb = extractor(backbone, pretrained)
+        hd = build_head(head, in_dim(spec), num_classes, **head_kwargs)
     config = {"backbone": backbone, "head": head, "num_classes": int(num_classes),
               "finetune": finetune, "pretrained": bool(pretrained), "head_kwargs": head_kwargs,
               "backbone_dropout": float(backbone_dropout), "seed": seed}

@@ -19,8 +19,13 @@ Registry :data:`HEADS` (built from D and C only, never per backbone):
   (:class:`raycyto.models.spatial.MILMapHead`; ``in_dim`` = map channels, option
   ``grid=(h, w)`` of the map -- the default 1x1 grid also takes pooled ``[N, D]``, so it
   builds from D and C like the others; ``width``, ``kernel``, ``channel_dropout``,
-  ``dropout``, ``temperature``, ``shared``). :func:`raycyto.models.spatial.is_spatial` tells callers which
-  heads need maps.
+  ``dropout``, ``temperature``, ``shared``).
+
+Each entry is a :class:`HeadSpec`: the builder plus the head's capabilities (reads a map or
+pooled features, pre-/post-fit steps, its MC path, its evidence method), so no caller tests a
+head's type. Every head is a :class:`Head` and answers :meth:`Head.evidence` (where in the
+image its answer comes from: exact per-cell contributions for map heads, Grad-CAM through the
+backbone for pooled ones; :mod:`raycyto.evidence`).
 
 Binary tasks use **C = 2 logits with softmax cross-entropy everywhere** (equivalent to
 BCE-with-logits on the logit difference), so MC dropout, metrics and SVM calibration
@@ -32,6 +37,7 @@ switchable on in eval for MC passes).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
@@ -41,6 +47,7 @@ from torch import Tensor, nn
 
 from raycyto.errors import DataError, RaycytoError
 from raycyto.models.mc import MCDropout
+from raycyto.models.protocol import Head
 from raycyto.models.spatial import build_spatial_head
 
 
@@ -74,7 +81,7 @@ class Standardize(nn.Module):
         return (x - self.mean.view(shape).to(x.dtype)) / self.scale.view(shape).to(x.dtype)
 
 
-class MLPHead(nn.Module):
+class MLPHead(Head):
     """Dense ReLU stack ``D -> hidden... -> C`` with optional dropout after each hidden ReLU.
 
     Inputs are used as the backbone gives them: per-feature standardisation (as the probe
@@ -103,7 +110,7 @@ class MLPHead(nn.Module):
         return self.out(self.penultimate(x))
 
 
-class StudyAHead(nn.Module):
+class StudyAHead(Head):
     """Study A: BatchNorm -> dropout -> dense(units) -> ReLU -> dropout -> output."""
 
     def __init__(self, in_dim: int, num_classes: int, units: int = 256,
@@ -223,7 +230,7 @@ class SVMHead(MLPHead):
         return self.svm_proba(x).clamp_min(1e-12).log().to(x.dtype)
 
 
-class LinearProbe(nn.Module):
+class LinearProbe(Head):
     """The baseline every frozen-backbone sweep reports: standardised features -> one linear
     layer, fitted by scikit-learn's ``LogisticRegression`` (:meth:`load_sklearn`), not by SGD.
 
@@ -252,17 +259,89 @@ class LinearProbe(nn.Module):
         return self
 
 
-HEADS: dict[str, Callable[..., nn.Module]] = {
-    "a": partial(MLPHead, hidden=(128,)),
-    "b": SVMHead,
-    "c": partial(MLPHead, hidden=(1024, 512, 128)),
-    "d": partial(MLPHead, hidden=(1024, 512, 128), dropout=0.5),
-    "k": StudyAHead,
-    "s": build_spatial_head,  # feature maps [N, C, h, w] (raycyto.models.spatial)
-    "probe": LinearProbe,  # the baseline (raycyto.tune.probe), not a grid.heads choice
+def _fit_norm(head: nn.Module, x: np.ndarray) -> None:
+    """Pre-fit step: the head's per-feature / per-channel standardisation from the training rows."""
+    head.norm.fit(x)
+
+
+def _fit_svm(head: nn.Module, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> None:
+    """Post-fit step of head ``b``: the calibrated SVM on the trained penultimate features."""
+    head.fit_svm(np.asarray(x, np.float32), np.asarray(y, np.int64), groups=groups)
+
+
+def _mc_pooled(head: nn.Module, x: Tensor, passes: int, seed: int = 0, first: int = 0) -> np.ndarray:
+    from raycyto.models.mc import mc_head_predict
+
+    return mc_head_predict(head, x, passes, seed=seed, first=first)
+
+
+def _mc_map(head: nn.Module, x: Tensor, passes: int, seed: int = 0, first: int = 0) -> np.ndarray:
+    from raycyto.models.spatial import mc_map_predict
+
+    return mc_map_predict(head, x, passes, seed=seed, first=first)
+
+
+#: what a head reads: pooled backbone features ``[N, D]`` or the backbone's feature map ``[N, C, h, w]``
+READS = ("pooled", "map")
+#: how a head shows where its evidence is (:meth:`Head.evidence`)
+EVIDENCE_METHODS = ("gradcam", "additive")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One registry entry: how to build a head and what it can do. Callers read these
+    capabilities instead of testing a head's type or attributes.
+
+    Attributes:
+        build: ``(in_dim, num_classes, **options) -> nn.Module``.
+        reads: ``"pooled"`` (``[N, D]`` features of the whole backbone) or ``"map"`` (the
+            backbone's feature map ``spec.feature_map``; frozen backbones only, trained on
+            cached maps).
+        pre_fit: ``(head, x_train)`` run before training (a ``Standardize`` to fit), or None.
+        post_fit: ``(head, x_train, y_train, groups)`` run on the best epoch's head (the SVM of
+            head ``b``), or None.
+        mc: head-scope MC passes ``(head, x, passes, seed=, first=) -> probs [N, T, C]`` (map
+            heads: without T copies of every map).
+        evidence: what :meth:`Head.evidence` gives: ``"additive"`` (exact per-cell
+            decomposition of the logit, computed from the embedding) or ``"gradcam"``
+            (Grad-CAM through the backbone, on request).
+        baseline: fitted by ``raycyto.tune.probe`` in every frozen sweep, never a grid.heads choice.
+    """
+
+    build: Callable[..., nn.Module]
+    reads: str = "pooled"
+    pre_fit: Callable[[nn.Module, np.ndarray], None] | None = None
+    post_fit: Callable[..., None] | None = None
+    mc: Callable[..., np.ndarray] = _mc_pooled
+    evidence: str = "gradcam"
+    baseline: bool = False
+
+    @property
+    def reads_map(self) -> bool:
+        """True when the head reads a feature map (so it needs a frozen backbone's map)."""
+        return self.reads == "map"
+
+
+HEADS: dict[str, HeadSpec] = {
+    "a": HeadSpec(partial(MLPHead, hidden=(128,))),
+    "b": HeadSpec(SVMHead, post_fit=_fit_svm),
+    "c": HeadSpec(partial(MLPHead, hidden=(1024, 512, 128))),
+    "d": HeadSpec(partial(MLPHead, hidden=(1024, 512, 128), dropout=0.5)),
+    "k": HeadSpec(StudyAHead),
+    # feature maps [N, C, h, w] (raycyto.models.spatial)
+    "s": HeadSpec(build_spatial_head, reads="map", pre_fit=_fit_norm, mc=_mc_map, evidence="additive"),
+    # the baseline (raycyto.tune.probe: scikit-learn fits it), not a grid.heads choice
+    "probe": HeadSpec(LinearProbe, pre_fit=_fit_norm, baseline=True),
 }
 #: Heads that are baselines: fitted by raycyto.tune.probe in every frozen sweep, never in grid.heads.
-BASELINE_HEADS = ("probe",)
+BASELINE_HEADS = tuple(name for name, spec in HEADS.items() if spec.baseline)
+
+
+def head_spec(name: str) -> HeadSpec:
+    """The registry entry of head ``name`` (unknown names raise, listing the known ones)."""
+    if name not in HEADS:
+        raise RaycytoError(f"unknown head {name!r}; known: {', '.join(HEADS)}")
+    return HEADS[name]
 
 
 def build_head(name: str, in_dim: int, num_classes: int, **kw) -> nn.Module:
@@ -276,11 +355,10 @@ def build_head(name: str, in_dim: int, num_classes: int, **kw) -> nn.Module:
     Returns:
         module ``[N, D] -> logits [N, C]``.
     """
-    if name not in HEADS:
-        raise RaycytoError(f"unknown head {name!r}; known: {', '.join(HEADS)}")
+    spec = head_spec(name)
     if int(num_classes) < 2:
         raise RaycytoError(f"num_classes must be >= 2 (binary tasks use 2 logits), got {num_classes}")
     try:
-        return HEADS[name](int(in_dim), int(num_classes), **kw)
+        return spec.build(int(in_dim), int(num_classes), **kw)
     except TypeError as e:
         raise RaycytoError(f"head {name!r}: bad options {kw}: {e}") from e

@@ -61,11 +61,14 @@ from torch import Tensor, nn
 
 from raycyto.errors import DataError, RaycytoError
 from raycyto.models.mc import MCDropout
+from raycyto.models.protocol import Head
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["MILMapHead", "SPATIAL_HEADS", "is_spatial", "map_grid",
+    from raycyto.evidence.maps import EvidenceMap
+
+__all__ = ["MILMapHead", "is_spatial", "map_grid",
            "build_spatial_head", "mc_map_predict"]
 
 
@@ -78,7 +81,7 @@ def _grid(grid: int | Sequence[int]) -> tuple[int, int]:
     return g  # type: ignore[return-value]
 
 
-class MILMapHead(nn.Module):
+class MILMapHead(Head):
     """Positional multiple-instance head ``[N, C, h, w] -> logits [N, num_classes]``.
 
     Args:
@@ -194,6 +197,60 @@ class MILMapHead(nn.Module):
         """``[N, width]``: the trunk's channels, max over cells (an embedding, no dropout)."""
         return self.trunk(x).amax(dim=(2, 3))
 
+    @torch.no_grad()
+    def evidence(self, model: nn.Module | None, x: Tensor | None, target: Tensor | None = None,
+                 embedding: Tensor | None = None) -> "EvidenceMap":
+        """Exact additive per-cell decomposition of the logit (no dropout, eval statistics).
+
+        With ``s_cp`` the cell scores plus cell bias, ``L_c = tau * logsumexp_p(s_cp / tau)``
+        and ``w_cp = softmax_p(s_cp / tau)``, cell ``p`` contributes ``w_cp * L_c``; the cells
+        sum to ``L_c``, and ``logit_c = L_c + bias_c``. With a ``reference`` class (binary
+        sweeps) the explained quantity is the margin ``logit_target - logit_other``: for a
+        non-reference target that is its logit (the reference is pinned at 0); for the
+        reference itself it is minus the strongest other class's logit, so the cells carry
+        ``-w * L`` (evidence *against* that class). Computed in float64.
+
+        Args:
+            model: the Classifier (its ``features`` make the map when ``embedding`` is None).
+            x: preprocessed images ``[N, 3, S, S]`` (unused when ``embedding`` is given).
+            target: class per image ``[N]`` or an int; None: the deterministic forward's argmax.
+            embedding: the feature maps ``[N, C, h, w]`` this head reads.
+        Returns:
+            :class:`~raycyto.evidence.maps.EvidenceMap` (``additive``, values ``[N, h, w]``).
+        """
+        from raycyto.evidence.maps import EvidenceMap
+
+        maps = embedding if embedding is not None else model.features(x)
+        was = self.training
+        self.eval()
+        try:
+            z = self.trunk(maps).double().flatten(2)  # [N, width, P]
+        finally:
+            self.train(was)
+        w = self._weights().double()  # [C, P, width]
+        s = torch.einsum("nrp,cpr->ncp", z, w) + self.cell_bias.double()  # [N, C, P]
+        tau = self.temperature
+        pooled = tau * torch.logsumexp(s / tau, dim=-1)  # [N, C]
+        logits = pooled + self.bias.double()
+        n = z.shape[0]
+        if self.reference is not None:
+            logits[:, self.reference] = 0.0
+        t = logits.argmax(-1) if target is None else torch.as_tensor(target, dtype=torch.int64).reshape(-1).expand(n)
+        cls, sign = t.clone(), torch.ones(n, dtype=torch.float64)
+        if self.reference is not None:
+            others = logits.clone()
+            others[:, self.reference] = -torch.inf
+            is_ref = t == self.reference
+            cls = torch.where(is_ref, others.argmax(-1), t)
+            sign = torch.where(is_ref, -1.0, 1.0).double()
+        rows = torch.arange(n)
+        share = torch.softmax(s[rows, cls] / tau, dim=-1)  # [N, P]
+        values = sign[:, None] * share * pooled[rows, cls][:, None]
+        bias = sign * self.bias.double()[cls]
+        h, wd = self.grid
+        return EvidenceMap("additive", values.view(n, h, wd).numpy(), t.numpy(),
+                           (values.sum(-1) + bias).numpy(), bias.numpy())
+
     def _mc_passes(self) -> int:
         state = getattr(self.channel_drop, "state", None) or getattr(self.drop, "state", None)
         return int(getattr(state, "passes", 1) or 1)
@@ -262,10 +319,9 @@ def build_spatial_head(in_dim: int, num_classes: int, grid: int | Sequence[int] 
     return MILMapHead(in_dim, grid, num_classes, **kw)
 
 
-#: registry letters of heads that take feature maps ``[N, C, h, w]`` (not pooled ``[N, D]``)
-SPATIAL_HEADS = frozenset({"s"})
-
-
 def is_spatial(head: str) -> bool:
-    """Whether registry head ``head`` consumes a feature map."""
-    return head in SPATIAL_HEADS
+    """Whether registry head ``head`` reads a feature map (``HeadSpec.reads_map``; kept for callers
+    of the old name)."""
+    from raycyto.models.heads import head_spec
+
+    return head_spec(head).reads_map

@@ -290,6 +290,55 @@ def render(patient: dict[str, Any], rng: np.random.Generator, side: int) -> np.n
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+# ---------------------------------------------------------------- truth for evidence maps
+
+def layout() -> dict[str, tuple[float, float, float, float]]:
+    """Where :func:`render` puts each chromosome type: ``{type: (x0, y0, x1, y1)}`` in
+    normalised image coordinates (any ``side``), at the nominal condensation.
+
+    The boxes tile the picture: a slot is its column of its row (``0.9 / len(row)`` wide from
+    x = 0.05, the outer slots reaching the image border) and its row band, from the row's top
+    to the next row's top (label included); so the ~1 % position jitter and the +-5 %
+    condensation move a chromosome inside its box.
+    """
+    top, bottom, label_h, gap = 0.04, 0.02, 0.035, 0.02
+    extents = [(max(CENTROMERE[t] * LENGTH_MB[t] for t in row),
+                max((1 - CENTROMERE[t]) * LENGTH_MB[t] for t in row)) for row in ROWS]
+    mb = (1.0 - top - bottom - len(ROWS) * (label_h + gap)) / sum(p + q for p, q in extents)
+    mb *= 0.975  # the middle of render's condensation range (0.92 - 1.03)
+    boxes, y = {}, 0.0
+    for k, (row, (p_ext, q_ext)) in enumerate(zip(ROWS, extents)):
+        y_next = (top if k == 0 else y) + (p_ext + q_ext) * mb + label_h + gap
+        y_end = 1.0 if k == len(ROWS) - 1 else y_next
+        slot_w = 0.9 / len(row)
+        for i, ctype in enumerate(row):
+            x0 = 0.0 if i == 0 else 0.05 + i * slot_w
+            x1 = 1.0 if i == len(row) - 1 else 0.05 + (i + 1) * slot_w
+            boxes[ctype] = (x0, y, x1, y_end)
+        y = y_end
+    return boxes
+
+
+def abnormal_chromosomes(karyotype: str) -> tuple[str, ...]:
+    """The chromosome types an ISCN-like karyotype string of :func:`make_karyotype` changes:
+    ``47,XY,+21`` -> (21,), ``46,XX,del(10)(q)`` -> (10,), ``46,XY,t(1;7)(q;q)`` -> (1, 7),
+    ``45,X`` -> (X, Y) (one X and no Y: both sex slots differ from either normal), normal -> ()."""
+    import re
+
+    parts = [p.strip() for p in str(karyotype).split(",")]
+    if len(parts) >= 2 and parts[0] == "45" and parts[1] == "X":
+        return ("X", "Y")
+    out: list[str] = []
+    for p in parts[2:]:
+        m = re.fullmatch(r"\+(\w+)", p) or re.match(r"del\((\w+)\)", p)
+        if m:
+            out.append(m.group(1))
+        m = re.match(r"t\((\w+);(\w+)\)", p)
+        if m:
+            out += [m.group(1), m.group(2)]
+    return tuple(out)
+
+
 TASK = SynthTask(
     name="karyogram",
     labels=("abnormal", "normal"),

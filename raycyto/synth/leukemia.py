@@ -386,6 +386,14 @@ def plan(seed: int, patients: int, labels: Sequence[str] | None = None) -> list[
 
 def render(patient: dict[str, Any], rng: np.random.Generator, side: int) -> np.ndarray:
     """Draw one blood-smear field of ``patient``. Returns uint8 RGB [side, side, 3]."""
+    return render_with_cells(patient, rng, side)[0]
+
+
+def render_with_cells(patient: dict[str, Any], rng: np.random.Generator, side: int
+                      ) -> tuple[np.ndarray, list[tuple[float, float, float, str]]]:
+    """:func:`render`, plus where the white cells are (the truth evidence maps are checked
+    against): ``(image, [(x, y, radius, kind), ...])`` with x, y, radius in normalised image
+    coordinates (fractions of ``side``). Same random draws as :func:`render`, same image."""
     import cv2
 
     px = side / BASE_SIZE
@@ -409,7 +417,7 @@ def render(patient: dict[str, Any], rng: np.random.Generator, side: int) -> np.n
     names = list(patient["mix"])
     probs = np.asarray([patient["mix"][n] for n in names])
     lo, hi = RECIPES[patient["label"]][1]
-    target, covered, placed = rng.uniform(lo, hi) * area, 0.0, []
+    target, covered, placed, kinds = rng.uniform(lo, hi) * area, 0.0, [], []
     while covered < target and len(placed) < 40:
         kind = names[int(rng.choice(len(names), p=probs / probs.sum()))]
         for _ in range(20):  # avoid stacking white cells on each other
@@ -418,6 +426,7 @@ def render(patient: dict[str, Any], rng: np.random.Generator, side: int) -> np.n
                 break
         r = WHITE_CELLS[kind](f, float(x), float(y))
         placed.append((x, y, r))
+        kinds.append(kind)
         covered += np.pi * r * r
 
     light = (np.asarray((244, 232, 236), np.float32) / 255.0 * patient["light"]
@@ -425,7 +434,8 @@ def render(patient: dict[str, Any], rng: np.random.Generator, side: int) -> np.n
     rgb = light * np.exp(-f.od)
     rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.4, 1.0) * px)
     rgb += rng.normal(0, rng.uniform(0.004, 0.015), rgb.shape).astype(np.float32)
-    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    cells = [(float(x) / side, float(y) / side, float(r) / side, k) for (x, y, r), k in zip(placed, kinds)]
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), cells
 
 
 TASK = SynthTask(name="leukemia", labels=CLASSES, base_size=BASE_SIZE, plan=plan, render=render)

@@ -176,11 +176,11 @@ def feature_cuts(cfg: SweepConfig, backbone: str, n_images: int, cache_features:
     from raycyto.models.split import SequentialView, sequence_names
     from raycyto.tune.features import POOLED, cut_index
 
-    from raycyto.models.spatial import is_spatial
+    from raycyto.models.heads import head_spec
 
     cuts = [POOLED] if "frozen" in cfg.grid.finetune and cache_features else []
     modes = [m for m in cfg.grid.finetune if m in ("last1", "last2")] if cfg.train.cache_prefix and cache_features else []
-    spatial = any(f == "frozen" and is_spatial(h) for _, f, h in cfg.grid.cells())
+    spatial = any(f == "frozen" and head_spec(h).reads_map for _, f, h in cfg.grid.cells())
     if spatial and not cache_features:
         raise RaycytoError("spatial heads (s) train on cached feature maps; run without --no-cache")
     if modes or spatial:

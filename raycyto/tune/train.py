@@ -289,18 +289,18 @@ def train_head(head: str, data: HeadData, *, task: Task, train: TrainConfig, hp:
     Returns:
         FitResult whose ``model`` is the trained head (eval mode).
     """
-    from raycyto.models.heads import build_head
+    from raycyto.models.heads import build_head, head_spec
 
     seed_everything(seed)
+    spec = head_spec(head)
     model = build_head(head, data.x_train.shape[1], task.num_classes, **(head_kwargs or {}))
-    if hasattr(model, "norm"):
-        model.norm.fit(data.x_train)
+    if spec.pre_fit is not None:
+        spec.pre_fit(model, data.x_train)
     result = fit(model, array_batches(data.x_train, data.y_train, hp.batch_size, seed),
                  lambda: array_batches(data.x_val, data.y_val, max(hp.batch_size, 256))(0),
                  task=task, train=train, hp=hp, class_weight=class_weight)
-    if hasattr(result.model, "fit_svm"):
-        result.model.fit_svm(np.asarray(data.x_train, np.float32), np.asarray(data.y_train, np.int64),
-                             groups=data.groups_train)
+    if spec.post_fit is not None:
+        spec.post_fit(result.model, data.x_train, data.y_train, data.groups_train)
     return result
 
 
@@ -347,9 +347,12 @@ def train_finetune(model: "nn.Module", train_ds: Any, val_images: np.ndarray, va
     result = fit(model, image_batches(train_ds, pre, hp.batch_size, seed),
                  lambda: image_array_batches(val_images, val_labels, pre, 64),
                  task=task, train=train, hp=hp, class_weight=class_weight)
-    if hasattr(result.model.head, "fit_svm"):
+    from raycyto.models.heads import head_spec
+
+    post_fit = head_spec(model.config["head"]).post_fit  # the registry name build_classifier recorded
+    if post_fit is not None:
         feats, labels, groups = dataset_features(result.model, train_ds, pre)
-        result.model.head.fit_svm(feats, labels, groups=groups)
+        post_fit(result.model.head, feats, labels, groups)
     return result
 
 

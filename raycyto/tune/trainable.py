@@ -170,21 +170,19 @@ def mc_seed(cfg: SweepConfig, fold: int) -> int:
     return cfg.cv.seed * 1000 + fold
 
 
-def predict_split(head: Any, features: np.ndarray, labels: np.ndarray, ctx: TrialContext, seed: int
-                  ) -> tuple[np.ndarray, dict, dict[str, float]]:
-    """Deterministic probs [N, C], MC summary and metrics of a head on features [N, ...]."""
+def predict_split(head: Any, features: np.ndarray, labels: np.ndarray, ctx: TrialContext, seed: int,
+                  name: str) -> tuple[np.ndarray, dict, dict[str, float]]:
+    """Deterministic probs [N, C], MC summary and metrics of head ``name`` (registry) on features [N, ...]."""
     import torch
 
-    from raycyto.models.mc import mc_head_predict, summarize
+    from raycyto.models.heads import head_spec
+    from raycyto.models.mc import summarize
     from raycyto.tune.train import array_batches, predict_probs
-
-    from raycyto.models.spatial import MILMapHead, mc_map_predict
 
     probs, _ = predict_probs(head, array_batches(features, labels, 256)(0))  # [N, C]
     x = torch.as_tensor(features, dtype=torch.float32)
-    # a spatial head's passes without T copies of every map (the same masks, pass for pass)
-    mc_passes = mc_map_predict if isinstance(head, MILMapHead) else mc_head_predict
-    passes = mc_passes(head, x, ctx.cfg.mc.passes, seed=seed)
+    # the registry's MC path (a map head's passes without T copies of every map)
+    passes = head_spec(name).mc(head, x, ctx.cfg.mc.passes, seed=seed)
     mc = summarize(passes, ctx.cfg.mc.threshold)  # [N, T, C] -> per-image summary
     return probs, mc, classification_metrics(labels, probs, ctx.positive)
 
@@ -208,14 +206,14 @@ class FoldRunner:
         self.head_kwargs = dict(self.cfg.grid.head_kwargs.get(config["head"], {}))
         from raycyto.tune.features import feature_key
 
+        from raycyto.models.heads import head_spec
         from raycyto.models.registry import get_spec
-        from raycyto.models.spatial import is_spatial
 
         self.hp = HParams.from_trial(config)
         self.pre = ctx.preprocess(config["backbone"])
         # frozen: the cached pooled features (spatial heads: the feature map of spec.feature_map);
         # lastN: the cached output of the frozen prefix, if any
-        spatial = is_spatial(config["head"])
+        spatial = head_spec(config["head"]).reads_map
         cut = get_spec(config["backbone"]).feature_map.layer if spatial else "pooled" if self.frozen else config["finetune"]
         key = feature_key(config["backbone"], cut)
         self.features = ray.get(ctx.feature_refs[key]) if key in ctx.feature_refs else None
@@ -282,8 +280,11 @@ class FoldRunner:
             return extract_features(model, array_batches(x, y, 64)(0), features=lambda m, b: tail(b.float()))[0]
 
         train_feats = tail_features(fs.features[train], fs.label[train])
-        if hasattr(model.head, "fit_svm"):
-            model.head.fit_svm(train_feats, fs.label[train], groups=fs.group[train])
+        from raycyto.models.heads import head_spec
+
+        post_fit = head_spec(self.config["head"]).post_fit
+        if post_fit is not None:
+            post_fit(model.head, train_feats, fs.label[train], fs.group[train])
         evals = {name: (tail_features(fs.eval_features(rows[name]), fs.label[rows[name]]), fs.label[rows[name]],
                         pd.DataFrame({"path": fs.path[rows[name]], "group": fs.group[rows[name]]}))
                  for name in ("val", "test")}
@@ -401,7 +402,7 @@ def run_fold(runner: FoldRunner, split: Any, trial_id: str) -> dict:
         frames, metrics = [], {}
         class_names = ctx.class_names
         for name, (feats, labels, meta) in evals.items():
-            probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=seed)
+            probs, mc, metrics[name] = predict_split(model.head, feats, labels, ctx, seed=seed, name=config["head"])
             meta = meta.assign(label=labels, label_name=[class_names[i] for i in labels])
             meta = meta.merge(ctx.metadata, on="path", how="left")  # manifest columns (subtype, site...)
             frame = _prediction_frame(probs, mc, meta, class_names)
