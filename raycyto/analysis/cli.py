@@ -23,6 +23,9 @@ def report(
         "export`). Multiclass: also report the smallest MC threshold reaching this macro recall on "
         "validation (no guarantee)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Explain the selected "
+                                  "configuration's test images with its per-fold checkpoints: evidence.csv "
+                                  "(pointing accuracy, deletion test) and the case gallery."),
 ) -> None:
     """Write summary/per_class/folds/hpo/mispredictions CSVs, PNG figures and report.html.
 
@@ -36,7 +39,7 @@ def report(
     console = Console(stderr=True)
     try:
         path = write_report(exp_dir, out, select=select, target_recall=target_recall,
-                            progress=not quiet)
+                            progress=not quiet, evidence=evidence)
     except RaycytoError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -21,7 +21,10 @@ import pandas as pd
 
 from raycyto.analysis.load import Experiment
 
-CSS = """
+CSS = """.cards{display:flex;flex-wrap:wrap;gap:10px}
+.case{margin:0;width:172px;font-size:11px;line-height:1.3}
+.case img{border:1px solid #bbb;display:block}
+
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
 div.scroll{overflow-x:auto}
@@ -308,7 +311,7 @@ def render_page(title: str, headline: Headline | None, figures: Sequence[tuple[s
                 sections: Sequence[Section], notes: Sequence[str] = (),
                 explanation: Sequence[str] = EXPLANATION,
                 more_figures: Sequence[tuple[str, str]] = (),
-                appendix: str = "") -> str:
+                appendix: str = "", gallery: str = "") -> str:
     """The report page a lab reads, top to bottom: headline, explanation, key figures,
     wide tables (folded), further figures, appendix (data summary, config).
 
@@ -320,11 +323,15 @@ def render_page(title: str, headline: Headline | None, figures: Sequence[tuple[s
         explanation: plain-language paragraphs.
         more_figures: figures shown after the tables (per-fold confusion matrices...).
         appendix: raw HTML at the end, e.g. :func:`data_summary_html` and the config.
+        gallery: raw HTML right after the headline (the case gallery,
+            :func:`raycyto.analysis.evidence.write_gallery`).
     """
     body = [f"<h1>{html.escape(title)}</h1>"]
     body += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     if headline is not None:
         body.append(headline_html(headline))
+    if gallery:
+        body.append(gallery)
     if explanation:
         body.append('<details open><summary>How to read this page</summary><div class="explain">' +
                     "".join(f"<p>{html.escape(p)}</p>" for p in explanation) + "</div></details>")

@@ -402,8 +402,39 @@ KEY_COLUMNS = {
 }
 
 
+EVIDENCE_NOTE = (
+    "the selected configuration's test images, each explained by its fold's checkpoint ({method}). "
+    "pointing_top1/top3: share of abnormal images whose abnormal chromosome (karyotype; translocations: "
+    "either partner; 45,X: X or Y) is the top chromosome / among the top 3 by evidence share in its slot. "
+    "peak_on_white_cell: share whose map peak lies in a white cell the generator drew. Deletion test: "
+    "drop_top / drop_random = mean fall of the explained class's probability when the top evidence "
+    "region / a random region of the same size (mean of {k}) is filled with the image's median colour; "
+    "deletion_ratio = drop_top / drop_random. Per image: evidence_cases.csv.")
+
+
+def _evidence(exp: Experiment, r: "_Report", out: Path, tables: dict) -> tuple[str, str]:
+    """evidence.csv, evidence_cases.csv and the gallery HTML, or ("", why not)."""
+    from raycyto.analysis.evidence import evidence_section
+    from raycyto.evidence.evaluation import RANDOM_REGIONS
+
+    trial = str(r.best["trial_id"])
+    test = exp.predictions[(exp.predictions["trial_id"] == trial) & (exp.predictions["split"] == "test")]
+    ckpt = Path(exp.exp_dir) / "checkpoints" / trial
+    missing = [int(k) for k in sorted(test["fold"].unique()) if not (ckpt / f"fold{int(k)}" / "model.json").is_file()]
+    if test.empty or missing or not Path(str(test["path"].iloc[0])).is_file():
+        why = f"checkpoints of folds {missing} missing" if missing else "test images not found"
+        return "", f"no evidence section: {why} ({ckpt})"
+    summary, per, gallery = evidence_section(exp, trial, out, r.mc.coverage, r.mc.conformal_score, seed=0)
+    for name, df in (("evidence", summary), ("evidence_cases", per)):
+        if len(df):
+            tables[name] = df
+            df.to_csv(out / f"{name}.csv", index=False)
+    method = summary["method"].iloc[0] if len(summary) else "-"
+    return gallery, EVIDENCE_NOTE.format(method=method, k=RANDOM_REGIONS)
+
+
 def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select: str | None = None,
-                 target_recall: float | None = None, progress: bool = False) -> Path:
+                 target_recall: float | None = None, progress: bool = False, evidence: bool = True) -> Path:
     """Write the CSV tables, PNG figures and report.html.
 
     Args:
@@ -417,6 +448,9 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
             thresholds.csv with the smallest MC threshold reaching this macro recall on
             validation (no guarantee) and what it gives on test.
         progress: rich progress bars.
+        evidence: explain the selected configuration's test images with its per-fold
+            checkpoints (evidence.csv, evidence_cases.csv, the case gallery after the headline);
+            skipped, with a note, when the checkpoints or images are not there.
 
     Returns:
         Path of report.html.
@@ -449,6 +483,13 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
             (out / f"{stale}.csv").unlink(missing_ok=True)
     for name, df in tables.items():
         df.to_csv(out / f"{name}.csv", index=False)
+
+    gallery, evidence_note = "", ""
+    if evidence:
+        gallery, evidence_note = _evidence(exp, r, out, tables)
+    for stale in ("evidence", "evidence_cases"):
+        if stale not in tables:
+            (out / f"{stale}.csv").unlink(missing_ok=True)
 
     key, more = r.figure_jobs(out, tables["hpo"])
     for _, _, draw in exp.track(key + more, len(key) + len(more), "drawing figures"):
@@ -485,6 +526,9 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
                                 key_columns=KEY_COLUMNS["thresholds"]))
     sections.append(Section("confidence scores compared (selective.csv): AURC, lower is better",
                             r.selective, is_best(r.selective), key_columns=KEY_COLUMNS["selective"]))
+    if "evidence" in tables:
+        sections.append(Section("evidence (evidence.csv): where the answer comes from, against the truth",
+                                tables["evidence"], None, evidence_note, open=True))
     if "strata" in tables:
         sections.append(Section("per stratum (strata.csv): test metrics per manifest value", r.strata,
                                 is_best(r.strata), "recall: of the positive class (binary) or macro "
@@ -504,8 +548,10 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
              f"exported fold {r.exported_fold})"]
     title = f"raycyto report: {exp.meta.get('task', '')} ({', '.join(exp.class_names)})"
     appendix = "<h2>Data</h2>" + data_summary_html(exp) + config_html(exp.config_text)
+    if evidence_note and "evidence" not in tables:
+        notes.append(evidence_note)
     page = render_page(title, r.headline(), [(n, cap) for n, cap, _ in key], sections, notes,
-                       more_figures=[(n, cap) for n, cap, _ in more], appendix=appendix)
+                       more_figures=[(n, cap) for n, cap, _ in more], appendix=appendix, gallery=gallery)
     path = out / "report.html"
     path.write_text(page)
     return path

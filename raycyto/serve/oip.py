@@ -70,6 +70,12 @@ def _text(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
     return lambda r, classes: ["" if r[key] is None else str(r[key])]
 
 
+def _json(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
+    import json
+
+    return lambda r, classes: [json.dumps(r[key])]   # e.g. evidence: '[{"chromosome": "21", "score": 0.83}, ...]'
+
+
 def _members(key: str) -> Callable[[dict[str, Any], Sequence[str]], list[Any]]:
     return lambda r, classes: [c in r[key] for c in classes]   # set membership per class
 
@@ -89,6 +95,8 @@ OUTPUTS: dict[str, Output] = {
     "coverage": Output("FP64", _one("coverage"), optional=True),
     "out_of_distribution": Output("BOOL", _one("out_of_distribution"), optional=True),
     "ood_score": Output("FP64", _one("ood_score"), optional=True),
+    # the top 3 chromosomes as JSON text (karyogram bundles with a layout; ServedModel.provides says when)
+    "evidence": Output("BYTES", _json("evidence"), optional=True),
 }
 
 

@@ -144,6 +144,9 @@ class LoadedModel:
             from raycyto.models.bundle import load_guard
 
             guard = load_guard(local, meta)  # MahalanobisGuard or None (checksum verified)
+            from raycyto.evidence.layout import bundle_layout
+
+            self.layout: Any = bundle_layout(local, meta)  # chromosome slots, or None (map only)
             # an uncalibrated guard (threshold inf) flags nothing: served as no guard
             self.guard: Any = guard if guard is not None and np.isfinite(guard.threshold) else None
         self.model = model.to(device).eval()
@@ -165,6 +168,47 @@ class LoadedModel:
 
         self.preprocess = Preprocess.from_bundle(meta, model.spec)
         self.policy = ReferralPolicy.from_meta(meta, refer_rule)
+        from raycyto.models.heads import head_spec
+
+        #: "additive" (every answer carries it: one trunk pass on the embedding) or "gradcam" (explain only)
+        self.evidence_method: str = head_spec(meta["head"]).evidence
+
+    def evidence(self, x: np.ndarray, image: Optional[np.ndarray] = None, explain: bool = False
+                 ) -> Optional[dict[str, Any]]:
+        """The answer's evidence fields for one image, computed once from its embedding (not per
+        MC pass): ``evidence`` (top 3 chromosomes, with a layout), ``evidence_map`` (method,
+        class, grid, share per cell; additive maps also logit and bias) and, with ``explain``,
+        ``overlay_png`` (base64 PNG of the image with the map painted over it).
+
+        Args:
+            x: the image's embedding (:meth:`embed`: features / maps in head scope, pixels in full scope).
+            image: the decoded uint8 image (needed for Grad-CAM and the overlay).
+            explain: also the overlay; pooled heads (Grad-CAM, a backward pass) give evidence only then.
+        Returns:
+            the fields, or None (a Grad-CAM head without ``explain``).
+        """
+        import torch
+
+        from raycyto.evidence.layout import attribute, top
+        from raycyto.evidence.maps import explain as explain_map, map_json, overlay, png_base64
+
+        if self.evidence_method != "additive" and not explain:
+            return None
+        xt = torch.from_numpy(np.array(x, dtype=np.float32))[None].to(self.device)
+        if self.evidence_method == "additive" and self.scope == "head":
+            ev = explain_map(self.model, None, None, embedding=xt)
+        else:
+            pixels = xt if self.scope == "full" else self.preprocess([image]).to(self.device)
+            ev = explain_map(self.model, pixels, None)
+        out: dict[str, Any] = {}
+        boxes, hl = None, []
+        if self.layout is not None:
+            out["evidence"] = top(attribute(ev.share[0], self.layout), 3)
+            boxes, hl = dict(self.layout.boxes), [out["evidence"][0]["chromosome"]]
+        out["evidence_map"] = map_json(ev, self.class_names)
+        if explain and image is not None:
+            out["overlay_png"] = png_base64(overlay(image, ev.share[0], boxes, hl))
+        return out
 
     @property
     def info(self) -> dict[str, str]:
@@ -220,7 +264,8 @@ class LoadedModel:
 def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str],
                  model_info: dict[str, str], replicas: dict[str, Any],
                  policy: Optional[ReferralPolicy] = None, ood_score: Optional[float] = None,
-                 ood_threshold: Optional[float] = None, u: Optional[float] = None) -> dict[str, Any]:
+                 ood_threshold: Optional[float] = None, u: Optional[float] = None,
+                 evidence: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Summarise the passes of one image into the /predict JSON.
 
     Args:
@@ -233,6 +278,8 @@ def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str]
         ood_score, ood_threshold: the out-of-distribution guard's score of this image and its
             threshold (None: the bundle has no guard; the fields are omitted).
         u: the image's uniform (``image_uniform`` of its bytes) for randomized APS sets.
+        evidence: :meth:`LoadedModel.evidence`'s fields (``evidence``, ``evidence_map``,
+            ``overlay_png``), added as they are; None: none.
     Returns:
         JSON-ready dict: label, confidence, refer, threshold, passes, probabilities, std,
         entropy, mutual_information, model, replicas, rule (``vote``/``set``/``risk``),
@@ -277,6 +324,7 @@ def build_result(probs: np.ndarray, threshold: float, class_names: Sequence[str]
         out["out_of_distribution"] = ood
         out["ood_score"] = float(ood_score)
         out["ood_threshold"] = float(ood_threshold)
+    out.update(evidence or {})
     out["model"] = dict(model_info)
     out["replicas"] = replicas
     return out
@@ -304,11 +352,12 @@ class LocalPredictor:
 
     def predict_image(self, image: np.ndarray, passes: int | None = None,
                       threshold: float | None = None, seed: int | None = None,
-                      fan_out: int | None = None, u: float | None = None) -> dict[str, Any]:
+                      fan_out: int | None = None, u: float | None = None, explain: bool = False) -> dict[str, Any]:
         """Predict one decoded uint8 image ``[H, W, 3]``; returns the /predict JSON.
 
         ``u``: the APS randomisation (``image_uniform`` of the encoded bytes, as
-        :meth:`predict_bytes` and the endpoint pass); None: drawn from the array's bytes."""
+        :meth:`predict_bytes` and the endpoint pass); None: drawn from the array's bytes.
+        ``explain``: add the overlay PNG (and Grad-CAM evidence for pooled heads)."""
         m = self.model
         passes = passes or m.default_passes
         threshold = m.default_threshold if threshold is None else threshold
@@ -318,7 +367,8 @@ class LocalPredictor:
         return build_result(probs, threshold, m.class_names, m.info,
                             {"count": 1, "chunks": len(plan), "ids": ["in-process"]},
                             m.policy, ood, m.ood_threshold,
-                            image_uniform(np.ascontiguousarray(image).tobytes()) if u is None else u)
+                            image_uniform(np.ascontiguousarray(image).tobytes()) if u is None else u,
+                            m.evidence(x, image, explain))
 
     def predict_bytes(self, data: bytes, **kw: Any) -> dict[str, Any]:
         """Validate, decode and predict one encoded image (raises ClientError on bad input)."""
