@@ -218,6 +218,8 @@ def predict(
     mc_replicas: int = typer.Option(2, "--mc-replicas", help="the endpoint's MC replicas (full-scope default chunking)"),
     refer_rule: Optional[str] = typer.Option(None, "--refer-rule", help="referral rule: vote, set or risk "
                                              "(default: the bundle's)"),
+    explain: bool = typer.Option(False, "--explain", help="add overlay_png (base64 PNG of the evidence "
+                                 "over the image); pooled heads: Grad-CAM evidence only with it"),
 ) -> None:
     """Predict images offline, in-process; prints one JSON object per image (same JSON as /predict).
 
@@ -239,7 +241,7 @@ def predict(
     failed = 0
     for path in images:
         try:
-            result = predictor.predict_bytes(path.read_bytes(), passes=passes, threshold=threshold)
+            result = predictor.predict_bytes(path.read_bytes(), passes=passes, threshold=threshold, explain=explain)
             record = {"path": str(path), **result}
         except (ClientError, OSError) as e:
             failed += 1
