@@ -8,6 +8,7 @@ from raycyto import run as run_cmd
 from raycyto.analysis import cli as analysis_cli
 from raycyto.data import cli as data_cli
 from raycyto.models import cli as models_cli
+from raycyto.monitor import cli as monitor_cli
 from raycyto.serve import cli as serve_cli
 from raycyto.export import cli as export_cli
 from raycyto.synth import cli as synth_cli
@@ -42,6 +43,7 @@ app.command("export")(export_cli.export)
 app.command("serve")(serve_cli.serve)
 app.command("predict")(serve_cli.predict)
 app.command("run")(run_cmd.run)
+app.command("monitor")(monitor_cli.monitor)
 
 
 if __name__ == "__main__":

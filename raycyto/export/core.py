@@ -15,6 +15,11 @@ highest certifiable recall, all calibrated on the trial's out-of-fold test rows
 fitting or selection), on the MC mean probabilities Serve returns; the temperature (reported
 only) on the exported fold's validation rows.
 
+``model.json["reference"]`` is the validation reference of ``raycyto monitor`` and Serve's drift
+gauge (:func:`validation_reference`): the exported bundle's own answers on the exported fold's
+test images (class counts, referral and out-of-distribution counts, sorted confidences and
+guard distances).
+
 ``model.json["metrics"]`` carries the exported fold's own validation and test metrics
 (recomputed from predictions.parquet), and the trial's fold means labelled as such. The
 checkpoint bundle is loaded (its checksums verified), enriched and saved again with
@@ -170,6 +175,41 @@ def calibrate_guard(guard: Any, model: Any, meta: dict, exp: Any, trial_id: str,
                                seed=GUARD_SEED, source=f"test images of trial {trial_id} fold {fold}")
 
 
+def validation_reference(bundle_dir: Path, exp: Any, trial_id: str, fold: int) -> dict[str, Any] | None:
+    """model.json ``reference`` (:mod:`raycyto.monitor`): what the bundle in ``bundle_dir`` answers,
+    exactly as Serve does (:class:`raycyto.serve.predict.LocalPredictor`: its seed, passes and
+    rule), for the exported fold's test images, the images that chose nothing and that the guard
+    was calibrated on (:func:`calibrate_guard`).
+
+    Returns:
+        :func:`raycyto.monitor.drift.reference_json` of those answers; None when the images
+        cannot be read here (the bundle then has no reference, and ``raycyto monitor`` says so).
+    """
+    from raycyto.monitor.drift import answer_of, reference_json
+    from raycyto.serve.predict import LocalPredictor
+    from raycyto.serve.validation import ClientError
+
+    p = exp.predictions
+    paths = p.loc[(p["trial_id"].astype(str) == str(trial_id)) & (p["fold"] == int(fold))
+                  & (p["split"] == "test"), "path"]
+    try:
+        data = [Path(str(x)).read_bytes() for x in sorted(set(paths))]
+    except OSError:
+        return None
+    predictor = LocalPredictor(bundle_dir)
+    answers = []
+    for d in data:
+        try:
+            answers.append(answer_of(predictor.predict_bytes(d)))
+        except ClientError:
+            continue
+    if not answers:
+        return None
+    return reference_json(answers, f"the {len(answers)} test images of trial {trial_id} fold {fold} "
+                                   "(predictions.parquet split == test: no training, early stopping or "
+                                   "selection; the guard's calibration images)")
+
+
 def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str | None = None,
                  trial: str | None = None, target_recall: float | None = None,
                  threshold: float | None = None, refer_rule: str | None = None) -> Path | str:
@@ -262,6 +302,9 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
     guard = calibrate_guard(load_guard(ckpt, meta), model, meta, exp, trial_id, fold,
                             (config.get("mc") or {}).get("ood_false_alarm", 0.05))
     save_bundle(tmp, model, enriched, guard=guard)
+    reference = validation_reference(tmp, exp, trial_id, fold)
+    if reference is not None:  # answered by the saved bundle itself, then stored in it
+        save_bundle(tmp, model, {**enriched, "reference": reference}, guard=guard)
     load_bundle(tmp)  # refuse to publish a bundle that does not verify
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

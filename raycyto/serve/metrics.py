@@ -15,16 +15,31 @@ ray_raycyto_referrals_total             counter    model, version
 ray_raycyto_referral_rate               gauge      model, version (share of the last 200 answers)
 ray_raycyto_mc_passes_total             counter    model, version
 ray_raycyto_batch_size                  histogram  model (images per backbone batch)
+ray_raycyto_drift                       gauge      model, version, statistic (see below)
 =====================================  =========  ==========================================
+
+``ray_raycyto_drift`` compares the last :data:`DRIFT_WINDOW` answers of each model version with
+the validation reference its bundle stores (``model.json["reference"]``, written by ``raycyto
+export``), every :data:`DRIFT_EVERY` answers once the window is full, with the tests of
+``raycyto monitor`` (:class:`raycyto.monitor.drift.DriftWatch`): ``-log10 p`` per ``statistic``
+(``class_mix``, ``referral_rate``, ``ood_rate``, ``confidence``, ``ood_score``) and
+``statistic="window"``, ``-log10`` of the Bonferroni-adjusted smallest of them. Alert on
+``ray_raycyto_drift{statistic="window"} > 1.3`` (p < 0.05 for that window: each evaluation of a
+clean stream alarms with probability <= 0.05; use 3, p < 0.001, for fewer alarms over time).
+A bundle exported without a reference (or read from a model.json that is not the one served)
+has no drift gauge; ``raycyto monitor`` says to re-export it.
 
 Metric objects are made inside replicas (never at import time: Ray workers import this).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+
+from raycyto.monitor.drift import DEFAULT_WINDOW, BundleReferenceError, DriftWatch, answer_of, load_reference
 
 if TYPE_CHECKING:
     from raycyto.serve.api import ServedModel
@@ -32,6 +47,9 @@ if TYPE_CHECKING:
 LATENCY_MS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000]
 BATCH_SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 REFERRAL_WINDOW = 200
+DRIFT_WINDOW = DEFAULT_WINDOW
+DRIFT_EVERY = 50
+log = logging.getLogger(__name__)
 
 
 class ServeMetrics:
@@ -53,7 +71,12 @@ class ServeMetrics:
                                    tag_keys=("model", "version"))
         self.passes = Counter("raycyto_mc_passes", description="MC-dropout passes run",
                               tag_keys=("model", "version"))
+        self.drift = Gauge("raycyto_drift",
+                           description=f"-log10 p of the last {DRIFT_WINDOW} answers against the model's "
+                                       "validation reference, per statistic (window: Bonferroni over them)",
+                           tag_keys=("model", "version", "statistic"))
         self._recent: dict[tuple[str, str], deque[bool]] = {}
+        self._drift: dict[tuple[str, str], Optional[DriftWatch]] = {}
 
     def request(self, route: str, status: int, model: str, ms: float) -> None:
         self.requests.inc(tags={"route": route, "status": str(status), "model": model})
@@ -69,6 +92,28 @@ class ServeMetrics:
         recent = self._recent.setdefault((model.name, model.version), deque(maxlen=REFERRAL_WINDOW))
         recent.append(refer)
         self.referral_rate.set(sum(recent) / len(recent), tags=tags)
+        self._drift_answer(model, result, tags)
+
+    def _drift_answer(self, model: "ServedModel", result: dict[str, Any], tags: dict[str, str]) -> None:
+        """Feed the model version's drift window; set the gauge when it compares (never fails a request)."""
+        key = (model.name, model.version)
+        if key not in self._drift:  # lazily, once per version: read its bundle's reference
+            try:
+                self._drift[key] = DriftWatch(load_reference(model.key, model.sha256), DRIFT_WINDOW, DRIFT_EVERY)
+            except (BundleReferenceError, ValueError) as e:
+                log.warning("no drift gauge for %s %s: %s", model.name, model.version, e)
+                self._drift[key] = None
+        watch = self._drift[key]
+        if watch is None:
+            return
+        try:
+            levels = watch.add(answer_of(result))
+        except Exception:  # a drift bug must not fail an answer
+            log.exception("drift gauge of %s %s disabled", model.name, model.version)
+            self._drift[key] = None
+            return
+        for statistic, value in (levels or {}).items():
+            self.drift.set(value, tags={**tags, "statistic": statistic})
 
 
 class BatchMetrics:
