@@ -6,3 +6,10 @@
 - :mod:`raycyto.monitor.core`: audit-log reading and the windowed comparison of ``raycyto monitor``.
 - :mod:`raycyto.monitor.cli`: the ``raycyto monitor`` command.
 """
+
+DEFAULT_WINDOW = 200
+"""Answers per window (``raycyto monitor --window``; Serve's drift gauge)."""
+DEFAULT_MIN_WINDOW = 50
+"""The smallest last, partial window ``raycyto monitor`` tests."""
+DEFAULT_ALPHA = 0.05
+"""False-alarm rate of a whole log (Bonferroni over its tests)."""

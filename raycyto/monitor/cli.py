@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from raycyto.monitor.drift import DEFAULT_ALPHA, DEFAULT_MIN_WINDOW, DEFAULT_WINDOW
+from raycyto.monitor import DEFAULT_ALPHA, DEFAULT_MIN_WINDOW, DEFAULT_WINDOW
 
 
 def _p(p: Optional[float]) -> str:

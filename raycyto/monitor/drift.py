@@ -43,7 +43,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 from scipy import stats
 
+from raycyto.monitor import DEFAULT_ALPHA, DEFAULT_MIN_WINDOW, DEFAULT_WINDOW
 from raycyto.serve.audit import referral_rule
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_MIN_WINDOW", "DEFAULT_WINDOW", "STATISTICS", "BundleReferenceError", "Check",
+           "DriftWatch", "Sample", "Statistic", "answer_of", "bound", "compare", "drift_level", "load_reference",
+           "reference_json", "reference_of", "window_slices"]
 
 REFERENCE_KEY = "reference"
 """model.json key of the validation reference."""
@@ -52,9 +57,6 @@ MAX_VALUES = 2000
 """Largest number of confidences / distances stored (more: this many evenly spaced order statistics)."""
 MIN_EXPECTED = 5.0
 """The chi-square pools classes whose expected count in the reference row is below this."""
-DEFAULT_WINDOW = 200
-DEFAULT_MIN_WINDOW = 50
-DEFAULT_ALPHA = 0.05
 
 ANSWER_FIELDS = ("label", "confidence", "refer", "out_of_distribution", "ood_score", "rule", "passes")
 """The fields of an answer (audit record or ``/predict`` JSON) a window reads."""
