@@ -14,7 +14,7 @@ Submit to a local head node (Ray 2.60 keeps token authentication ON):
 Inside the job RAY_ADDRESS is set, so the sweep connects to that cluster instead of
 starting its own. With a relative --out the experiment lands in the job's working
 directory copy; pass an absolute path (or shared storage) to keep it.
-(``ray job submit ... -- raycyto sweep ...`` runs the same command.)
+(an entrypoint of ``raycyto sweep`` with the same options runs the same command.)
 """
 
 import sys

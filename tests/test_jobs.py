@@ -133,15 +133,14 @@ def test_job_entrypoints_show_help_without_importing_ray():
 
 def _job_commands(text: str) -> list[tuple[str, list[str]]]:
     """``(command, args)`` of every ``python [.../]jobs/X.py ARGS`` and every line-leading
-    ``raycyto sweep|report|export ARGS`` in ``text`` (up to a closing backtick; comment markers
+    ``raycyto sweep|report|export ARGS`` (line-leading, or after ``ray job submit ... --``) in ``text`` (up to a closing backtick; comment markers
     stripped, ``\\`` continuations joined)."""
     text = re.sub(r"(?m)^\s*#", "", text).replace("\\\n", " ")
     found = []
     for line in text.splitlines():
         for match in re.finditer(r"python \S*jobs/(\w+\.py)\b([^`]*)", line):
             found.append((JOBS[match.group(1)], shlex.split(match.group(2), comments=True)))
-        match = re.match(r"\s*raycyto (sweep|report|export)\b([^`]*)", line)
-        if match:
+        for match in re.finditer(r"(?:^\s*|\s--\s+)raycyto (sweep|report|export)\b([^`]*)", line):
             found.append((match.group(1), shlex.split(match.group(2), comments=True)))
     return found
 
