@@ -21,10 +21,20 @@ def worker_device() -> str:
         return "cpu"
     import ray
 
-    if ray.is_initialized():
-        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
-        return "cuda" if gpus else "cpu"
+    if ray.is_initialized() and not ray.get_runtime_context().get_assigned_resources().get("GPU", 0):
+        return "cpu"
+    exact_fp32()
     return "cuda"
+
+
+def exact_fp32() -> None:
+    """fp32 means fp32 on CUDA too: TF32 off for convolutions (cuDNN's default is on) and
+    matrix products, so an fp32 trial or replica computes what the CPU computes, up to float
+    rounding (``train.precision: bf16`` is the fast setting; autocast governs it)."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast(device: str, precision: str) -> Any:

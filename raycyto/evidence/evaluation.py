@@ -162,13 +162,13 @@ class FoldExplainer:
     def probs(self, images: list[np.ndarray]) -> np.ndarray:
         """Deterministic class probabilities ``[N, C]``."""
         x = self.pre(images)
-        return self.model.classify_features(self.model.features(x)).softmax(-1).double().numpy()
+        return self.model.classify_features(self.model.features(x)).softmax(-1).double().cpu().numpy()
 
     def explain(self, images: list[np.ndarray], targets: np.ndarray) -> tuple[EvidenceMap, np.ndarray]:
         x = self.pre(images)
         with torch.no_grad():
             emb = self.model.features(x)
-            p = self.model.classify_features(emb).softmax(-1).double().numpy()
+            p = self.model.classify_features(emb).softmax(-1).double().cpu().numpy()
         return explain(self.model, x, torch.as_tensor(targets), emb), p
 
 

@@ -173,8 +173,8 @@ class SVMHead(MLPHead):
 
         was_training = self.training
         self.eval()
-        f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        z = self.penultimate(f).double().numpy()  # [N, 128]
+        f = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=self.out.weight.device)
+        z = self.penultimate(f).double().cpu().numpy()  # [N, 128]
         self.train(was_training)
         y = np.asarray(labels).astype(int)
         c = self.out.out_features

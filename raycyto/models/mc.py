@@ -1,6 +1,7 @@
 """Monte-Carlo dropout: exact, seeded, and cheap when dropout lives only in the head.
 
-:class:`MCDropout` behaves like ``nn.Dropout`` while training. In ``eval()`` it is the
+:class:`MCDropout` behaves like ``nn.Dropout`` while training (its masks drawn from torch's CPU
+generator on every device, so a seed trains alike on CPU and CUDA). In ``eval()`` it is the
 identity unless MC mode is switched on with :func:`mc_mode`, in which case it applies
 seeded masks. The model itself stays in ``eval()`` the whole time (baal's approach), so
 batch-norm running statistics are used, never updated.
@@ -89,7 +90,7 @@ class MCDropout(nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            return super().forward(x)
+            return self._train_drop(x)
         if not self.mc or self.p == 0.0:
             return x
         t = self.state.passes
@@ -101,6 +102,15 @@ class MCDropout(nn.Dropout):
         masks = self.state.mask(rest, self.p).to(device=x.device, dtype=x.dtype)  # [T, ...]
         out = x.view(x.shape[0] // t, t, *rest) * masks / (1.0 - self.p)  # [N, T, ...]
         return out.view(x.shape)
+
+    def _train_drop(self, x: Tensor) -> Tensor:
+        """Training dropout whose mask comes from torch's CPU generator whatever ``x``'s device:
+        the same seed drops the same units on CPU and on CUDA (CUDA's generator draws another
+        stream), so a trial trains to the same weights on either, up to float rounding."""
+        if self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape) >= self.p  # CPU generator, [*x.shape]
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - self.p)
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         """Forward pre-hook: apply this dropout to ``module``'s first input."""
@@ -196,7 +206,7 @@ def mc_head_predict(head: nn.Module, features: Tensor, passes: int, seed: int = 
     """
     _check(passes)
     with _eval(head):
-        return _head_passes(head, head, features, int(passes), seed, first, chunk_rows).numpy()
+        return _head_passes(head, head, features, int(passes), seed, first, chunk_rows).cpu().numpy()
 
 
 @torch.no_grad()
@@ -232,7 +242,7 @@ def mc_predict(model: "Classifier | nn.Module", x: Tensor, passes: int, scope: s
                 with mc_mode(model, seed, 1, i):
                     outs.append(model(x).softmax(-1))  # [N, C]
             probs = torch.stack(outs, 1)  # [N, T, C]
-    return probs.float().numpy()
+    return probs.float().cpu().numpy()
 
 
 def summarize(probs: np.ndarray, threshold: float = 0.8) -> dict[str, np.ndarray]:

@@ -248,8 +248,8 @@ class MILMapHead(Head):
         values = sign[:, None] * share * pooled[rows, cls][:, None]
         bias = sign * self.bias.double()[cls]
         h, wd = self.grid
-        return EvidenceMap("additive", values.view(n, h, wd).numpy(), t.numpy(),
-                           (values.sum(-1) + bias).numpy(), bias.numpy())
+        return EvidenceMap("additive", values.view(n, h, wd).cpu().numpy(), t.cpu().numpy(),
+                           (values.sum(-1) + bias).cpu().numpy(), bias.cpu().numpy())
 
     def _mc_passes(self) -> int:
         state = getattr(self.channel_drop, "state", None) or getattr(self.drop, "state", None)
@@ -294,7 +294,7 @@ def mc_map_predict(head: MILMapHead, maps: Tensor, passes: int, seed: int = 0, f
             with mc_mode(head, seed, t, first):
                 logits = head.readout_passes(z, t)
             out.append(logits.softmax(-1).view(z.shape[0], t, -1))
-    return torch.cat(out, 0).float().numpy()
+    return torch.cat(out, 0).float().cpu().numpy()
 
 
 @torch.no_grad()

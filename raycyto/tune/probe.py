@@ -58,8 +58,8 @@ def fit_probe(data: HeadData, task: Task, train: TrainConfig, seed: int = 0,
     probe = LinearProbe(data.x_train.shape[1], task.num_classes)
     probe.norm.fit(data.x_train)
     with torch.no_grad():
-        xt = probe.norm(torch.as_tensor(data.x_train, dtype=torch.float32)).numpy()
-        xv = probe.norm(torch.as_tensor(data.x_val, dtype=torch.float32)).numpy()
+        xt = probe.norm(torch.as_tensor(data.x_train, dtype=torch.float32)).cpu().numpy()
+        xv = probe.norm(torch.as_tensor(data.x_val, dtype=torch.float32)).cpu().numpy()
     select, mode = train.select_metric, metric_mode(train.select_metric)
     rows, fitted = [], []
     for i, c in enumerate(cs, start=1):
