@@ -45,11 +45,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -245,15 +247,37 @@ def phase_sweeps(out: Path, cpu: bool, requests: int) -> None:
                 lat.append(time.perf_counter() - t0)
             answers.append((r.status_code, r.json().get("passes") if r.status_code == 200 else r.text[:200]))
     on_gpu = _replica_on_gpu() if cuda else None
+    errors = _logged_errors([a[1] for a in answers if a[0] != 200])
     serve.shutdown()
     ray.shutdown()
     p50 = float(np.percentile(np.asarray(lat) * 1000, 50))
     ok = all(a == (200, 100) for a in answers) and (on_gpu is not False)
+    codes = ", ".join(f"{n} x {c}" for c, n in sorted(Counter(a[0] for a in answers).items()))
     where = ("replica on cuda (nvidia-smi)" if on_gpu else "replica NOT on the GPU" if on_gpu is False else
              "backbone on cuda (nvidia-smi absent)") if cuda else "cpu"
     _emit(rec, check="Serve /predict T=100", ok=bool(ok), p50_ms=p50, latencies_ms=[x * 1000 for x in lat],
-          answers=answers, trial=str(best), figure=f"p50 {p50:.1f} ms over {requests} requests, {where}",
+          answers=answers, errors=errors, trial=str(best),
+          figure=f"p50 {p50:.1f} ms over {requests} requests ({codes}), {where}",
           criterion="200 with passes=100" + (", replica on GPU" if cuda else ""))
+
+
+def _logged_errors(texts: list[str], lines: int = 40) -> list[str]:
+    """The Ray session log lines after each 5xx answer's ``ref`` (raycyto's error id): the
+    traceback a failed request left, kept in the phase's record."""
+    import ray
+
+    found = []
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for ref in dict.fromkeys(m.group(1) for t in texts if (m := re.search(r"ref ([0-9a-f]+)", str(t)))):
+        for path in sorted(logs.rglob("*")):
+            if not path.is_file():
+                continue
+            text = path.read_text(errors="replace").splitlines()
+            hits = [i for i, line in enumerate(text) if ref in line]
+            if hits:
+                found.append(f"{path.name}: " + "\n".join(text[hits[0]:hits[0] + lines]))
+                break
+    return found[:2]
 
 
 # ----------------------------------------------------------------------------- phase: throughput
