@@ -116,3 +116,18 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint_and_finishes(exp)
     assert nodes.nunique() == 1 and len(nodes.iloc[0]) == 56 and row["node_id"] == starts[1]["node_id"]
     for tid in set(_trained(exp["results"])["trial_id"]) - {failed}:
         assert sum(e["event"] == "start" for e in read_events(d, tid)) == 1
+
+
+def test_a_sweep_whose_every_trial_failed_is_an_error(exp, tmp_path):
+    from raycyto.errors import RaycytoError
+    from raycyto.tune.sweep import check_finished
+
+    check_finished(exp["dir"])  # trials finished: no error
+    res = exp["results"].copy()
+    trained = ~res["baseline"].astype(bool)
+    res["error"] = res["error"].astype(object)
+    res.loc[trained, "status"] = "ERROR"
+    res.loc[trained, "error"] = "Traceback (most recent call last):\nRuntimeError: CUDA out of memory"
+    res.to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(RaycytoError, match=r"none of the \d+ trials finished; trial \w+: RuntimeError: CUDA out of memory"):
+        check_finished(tmp_path)

@@ -421,9 +421,29 @@ def run_sweep(cfg: SweepConfig, out: Optional[Path] = None, progress: bool = Tru
     _write_experiment(cfg, ctx, data, exp_dir, started, time.time(), tune_wall, failures)
     if ctx.artifact_uri:
         _upload(exp_dir, ctx.artifact_uri)
+    check_finished(exp_dir)
     if progress:
         print_summary(exp_dir, data["warnings"])
     return exp_dir
+
+
+def check_finished(exp_dir: Path) -> None:
+    """Raise when no trained trial finished (every one failed): the sweep's files stay in
+    ``exp_dir`` for a look, and ``raycyto sweep`` exits non-zero instead of reporting success.
+
+    Raises:
+        RaycytoError: naming the count and the first trial's error.
+    """
+    from raycyto.analysis.load import read_csv
+
+    res = read_csv(exp_dir / "results.csv")
+    trained = res[~res["baseline"].astype(bool)]
+    if len(trained) and not (trained["status"] == "TERMINATED").any():
+        first = trained.iloc[0]
+        error = str(first.get("error") or "no error recorded").strip().splitlines()
+        raise RaycytoError(f"none of the {len(trained)} trials finished; trial {first['trial_id']}: "
+                           f"{error[-1] if error else ''} (every trial's error: {exp_dir / 'results.csv'}, "
+                           f"logs: the Tune storage's trial folders)")
 
 
 def resume_sweep(exp_dir: Path, progress: bool = True) -> Path:
