@@ -272,9 +272,10 @@ def myeloblast(f: _Field, cx: float, cy: float) -> float:
         bx, by = mx + half * np.cos(tang), my + half * np.sin(tang)
         width = 0.6 * f.px
 
-        def extra(dx, dy, od):
+        def auer_rod(dx, dy, od):
             rod = coverage(segment_distance(dx, dy, ax, ay, bx, by) - width, 0.8)
             return od * (1.0 - rod[..., None]) + (1.6 * rod)[..., None] * f.stains["auer"]
+        extra = auer_rod
     _white_cell(f, cx, cy, r, "blue", 1.0, sdf, 0.7, False, granules=("granule", 0.06),
                 nucleoli=nucleoli, extra=extra)
     return r
