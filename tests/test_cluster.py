@@ -11,7 +11,10 @@ session folder, and a ``--working-dir`` package there vanished under the sweep's
 - ``results.csv`` names the node of every trial; trials ran on both workers, none on the head;
 - a worker node SIGKILLed under running trials: the sweep finishes every trial and records the
   restarts;
-- ``ray job stop`` halfway, then ``--resume``: finished trials are not run again.
+- ``ray job stop`` halfway, then ``--resume``: finished trials are not run again;
+- Serve under a steady load (``serve deploy`` of the exported model: the ingress on the head, two
+  Backbone replicas on the workers): the node of a Backbone replica SIGKILLed; no answer but 200
+  or 503 with ``Retry-After``, every retried request answered, healthy again within 60 s.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import re
 import shlex
 import socket
 import subprocess
-import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import httpx
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
@@ -277,3 +282,118 @@ def test_stopped_sweep_job_resumed_reruns_no_finished_trial(cluster, config, tmp
     assert set(first) <= set(res["trial_id"])
     for tid in first:  # finished before the stop: started once, never again
         assert sum(e["event"] == "start" for e in read_events(out, tid)) == 1, tid
+
+
+def serve_config(model: str, port: int) -> dict:
+    """``serve deploy`` config: the standard proxy and the Ingress on the head (it takes no CPU
+    there: ``node:__internal_head__`` pins it), two 0.5-CPU Backbone replicas on the workers."""
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{
+                "name": "raycyto", "route_prefix": "/", "import_path": "raycyto.serve.app:build_app",
+                "args": {"model_dir": model, "inline": False, "backbone_replicas": 2, "backbone_num_cpus": 0.5,
+                         "mc_replicas": 1, "mc_num_cpus": 0, "ingress_num_cpus": 0, "passes": 20},
+                "deployments": [
+                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.01}}},
+                    {"name": "MCHead", "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.01}}}]}]}
+
+
+def backbone_replicas(cluster: LocalCluster) -> list[dict]:
+    proc = subprocess.run([RAY, "list", "actors", f"--address={cluster.job_address}", "--format=json", "--limit=500",
+                           "--filter", "state=ALIVE"], env=cluster.env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    return [a for a in json.loads(proc.stdout) if "Backbone" in (a.get("class_name") or "")]
+
+
+class Load:
+    """Steady load: ``clients`` threads, each posting one image after another; a 503 is retried
+    after its ``Retry-After``. Every answer is recorded as (time, status, Retry-After, attempt)."""
+
+    def __init__(self, url: str, image: bytes, clients: int = 2) -> None:
+        self.url, self.image = url, image
+        self.answers: list[tuple[float, int, str | None, int]] = []
+        self.unanswered: list[str] = []  # requests that never got a 200 (after retries)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                for attempt in range(60):
+                    try:
+                        r = client.post(self.url, content=self.image, headers={"content-type": "image/png"})
+                        status, retry = r.status_code, r.headers.get("retry-after")
+                    except httpx.HTTPError as e:  # a connection the server dropped: an error, no answer
+                        status, retry = -1, type(e).__name__
+                    self.answers.append((time.time(), status, retry, attempt))
+                    if status == 200:
+                        break
+                    if status != 503:
+                        self.unanswered.append(f"{status} {retry}")
+                        break
+                    time.sleep(min(float(retry or 1), 2.0))
+                else:
+                    self.unanswered.append("503 x 60")
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+    def ok_since(self, t0: float) -> int:
+        return sum(1 for t, s, _, _ in self.answers if t >= t0 and s == 200)
+
+
+def test_serve_survives_the_node_of_a_replica_killed_under_load(cluster, recipe_run, karyo_dir, tmp_path):
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(serve_config(f"s3://{recipe_run['model']}", port)))
+    proc = subprocess.run([str(BIN / "serve"), "deploy", str(config), f"--address={cluster.job_address}"],
+                          env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    url = f"http://127.0.0.1:{port}/predict"
+    image = sorted((karyo_dir / "abnormal").glob("*.png"))[0].read_bytes()
+
+    def ready() -> bool:
+        try:
+            return httpx.post(url, content=image, headers={"content-type": "image/png"}, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, "the endpoint answers", timeout_s=300)
+    wait_for(lambda: len(backbone_replicas(cluster)) == 2, "two Backbone replicas", timeout_s=120)
+    try:
+        with Load(url, image, clients=4) as load:
+            wait_for(lambda: load.ok_since(0) >= 10, "steady answers", timeout_s=120)
+            replica = backbone_replicas(cluster)[0]
+            raylet = int(Path(f"/proc/{replica['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])  # ppid
+            victim = next(w for w in cluster.workers if raylet in w.raylet_pids())
+            killed = time.time()
+            cluster.kill_worker(victim)
+            cluster.workers.remove(victim)
+            # healthy: 10 answers in a row, all 200, within 60 s of the kill
+            def healthy() -> bool:
+                after = [s for t, s, _, _ in load.answers if t > killed]
+                return len(after) >= 10 and all(s == 200 for s in after[-10:])
+
+            wait_for(healthy, "healthy again after the kill", timeout_s=60)
+            recovered = time.time() - killed
+            time.sleep(2)
+        after = [(s, r) for t, s, r, _ in load.answers if t > killed]
+        codes = Counter(s for s, _ in after)
+        print(f"\nserve fault: node {victim.node_manager_port} killed; answers after the kill {dict(codes)}, "
+              f"retried {sum(1 for a in load.answers if a[3] > 0)}, healthy after {recovered:.1f}s, "
+              f"unanswered {load.unanswered}")
+        assert set(codes) <= {200, 503}, codes
+        assert all(r is not None for s, r in after if s == 503), "a 503 without Retry-After"
+        assert not load.unanswered, load.unanswered
+        assert recovered <= 60
+        # Serve replaces the lost replica on the surviving worker
+        wait_for(lambda: len(backbone_replicas(cluster)) == 2, "the lost Backbone replica replaced", timeout_s=90)
+    finally:
+        subprocess.run([str(BIN / "serve"), "shutdown", "-y", f"--address={cluster.job_address}"],
+                       env=cluster.env, capture_output=True, text=True, timeout=120)
