@@ -103,13 +103,8 @@ def write_gallery(exp: Any, cases: list[Explained], picks: dict[str, pd.DataFram
             e = by_index.get(idx)
             if e is None:
                 continue
-            boxes = None
-            hl: list[str] = []
-            if e.scores is not None:
-                from raycyto.evidence.layout import karyogram_layout
-
-                boxes = dict(karyogram_layout().boxes)
-                hl = [top(e.scores, 1)[0]["chromosome"]]
+            boxes = dict(e.layout.boxes) if e.layout is not None else None
+            hl = [top(e.scores, 1)[0]["chromosome"]] if e.scores is not None else []
             full = overlay(e.image, e.ev.share[0], boxes, hl)
             stem = f"f{int(e.row['fold'])}_{Path(str(e.row['path'])).stem}"
             (gdir / f"{stem}.png").write_bytes(png_bytes(full))

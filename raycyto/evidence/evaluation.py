@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raycyto.evidence.layout import Layout, attribute, bundle_layout, top
+from raycyto.evidence.layout import Layout, attribute, builtin_layout, top
 from raycyto.evidence.maps import EvidenceMap, explain, upsample
 
 #: side of the square masked around a blood-smear map's peak (normalised; about one white cell)
@@ -145,6 +145,7 @@ class Explained:
     region: Optional[tuple] = None  # the top evidence region (normalised box)
     prob_top: Optional[float] = None
     prob_random: Optional[float] = None
+    layout: Optional[Layout] = None  # the layout ``scores`` come from
 
 
 class FoldExplainer:
@@ -192,7 +193,7 @@ def explain_rows(exp: Any, trial_id: str, rows: pd.DataFrame, deletion: pd.Serie
                 one = ev.item(k)
                 e = Explained(r, images[k], one, int(targets[k]), float(p[k, targets[k]]))
                 if layout is not None:
-                    e.scores = attribute(one.share[0], layout)
+                    e.scores, e.layout = attribute(one.share[0], layout), layout
                     name = max(e.scores, key=e.scores.get)
                     e.region = layout.boxes[name]
                 else:
@@ -236,7 +237,7 @@ def evidence_tables(exp: Any, trial_id: str, seed: int = 0, extra: Optional[pd.D
     import yaml
 
     cfg = yaml.safe_load(exp.config_text) or {}
-    layout = bundle_layout("", {"config": cfg}) if exp.binary else None
+    layout = builtin_layout(cfg) if exp.binary else None
     data_dir = Path(((cfg.get("data") or {}).get("source")) or "")
     cells_of = smear_truth(data_dir) if str(data_dir) else None
     test = exp.predictions[(exp.predictions["trial_id"] == trial_id) & (exp.predictions["split"] == "test")]
