@@ -11,7 +11,10 @@ for:
 - how the map is brought to the image before the peak is taken (bilinear between cell centres,
   the default; nearest: the coarse cell's centre; bicubic);
 - captum's ``GuidedGradCam`` (guided backpropagation times the upsampled Grad-CAM, pixel
-  resolution; the peak of its absolute value summed over colour channels, Gaussian-smoothed).
+  resolution; the peak of its absolute value summed over colour channels, Gaussian-smoothed);
+- beyond those knobs, shift-averaged Grad-CAM (the input moved by 0, 4, 8, 12 px in x and y,
+  reflect-padded; each map upsampled to the input, moved back and averaged: a stride-16 map at
+  4-px steps).
 
 Also the chance level: the share of the image the white cells cover (a uniformly random point).
 
@@ -65,6 +68,23 @@ def guided_maps(model, x: torch.Tensor, t: torch.Tensor, layer: str) -> np.ndarr
     return np.stack([cv2.GaussianBlur(v.astype(np.float32), (0, 0), v.shape[0] / 40) for v in m])
 
 
+def shifted_maps(model, x: torch.Tensor, t: torch.Tensor, layer: str, step: int = 4, stride: int = 16
+                 ) -> np.ndarray:
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    total = np.zeros((n, h, w))
+    shifts = [(dx, dy) for dx in range(0, stride, step) for dy in range(0, stride, step)]
+    for dx, dy in shifts:
+        xs = F.pad(x, (dx, 0, dy, 0), mode="reflect")[..., :h, :w]  # content moved right / down
+        maps = layer_maps(model, xs, t, layer, True)
+        up = np.stack([cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) for m in maps])
+        back = np.zeros_like(up)
+        back[:, :h - dy, :w - dx] = up[:, dy:, dx:]
+        total += back / np.maximum(back.reshape(n, -1).max(1), 1e-12)[:, None, None]
+    return total / len(shifts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("exp_dir")
@@ -107,6 +127,8 @@ def main() -> None:
                     for interp in interps:
                         variants[f"{tag}, {interp}"] = [peak(m, interp) for m in maps]
             variants[f"GuidedGradCam {default}"] = [peak(m) for m in guided_maps(model, x, t, default)]
+            variants[f"shift-averaged LayerGradCam {default} (16 shifts)"] = [
+                peak(m) for m in shifted_maps(model, x, t, default)]
             for name, peaks in variants.items():
                 hits.setdefault(name, []).extend(on_white_cell(pk, c) for pk, c in zip(peaks, cells))
             for c in cells:  # chance: the covered share of a 224 x 224 grid
