@@ -8,8 +8,9 @@ for:
 - the layer captum's ``LayerGradCam`` explains (the backbone's stride-16 feature map, the
   default, and earlier / later blocks);
 - ``relu_attributions`` on / off (off: the signed map; the peak is its maximum);
-- how the map is brought to the image before the peak is taken (bilinear between cell centres,
-  the default; nearest: the coarse cell's centre; bicubic);
+- how the peak is read off the map (the report's :func:`~raycyto.evidence.evaluation.fine_peak`,
+  the centroid around the strongest cell; that cell's centre; the first maximum of the map
+  resized to 224 x 224 by bilinear, nearest or bicubic interpolation);
 - captum's ``GuidedGradCam`` (guided backpropagation times the upsampled Grad-CAM, pixel
   resolution; the peak of its absolute value summed over colour channels, Gaussian-smoothed);
 - beyond those knobs, shift-averaged Grad-CAM (the input moved by 0, 4, 8, 12 px in x and y,
@@ -34,17 +35,27 @@ import yaml
 
 from raycyto.analysis.load import load_experiment, resolve_experiment_dir
 from raycyto.analysis.tables import resolve_rule, select_best
-from raycyto.evidence.evaluation import FoldExplainer, is_abnormal, on_white_cell, read_rgb, smear_truth
+from raycyto.evidence.evaluation import (FoldExplainer, fine_peak, is_abnormal, on_white_cell, read_rgb,
+                                         smear_truth)
 from raycyto.evidence.maps import _GradForward
+from raycyto.evidence.maps import peak as cell_peak
 
 SIZE = 224  # the grid the peak is taken on (normalised coordinates, as evaluation.fine_peak)
 INTERP = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST, "bicubic": cv2.INTER_CUBIC}
 
 
 def peak(values: np.ndarray, interp: str = "bilinear") -> tuple[float, float]:
+    """The first maximum of the map resized to SIZE x SIZE (what evaluation.fine_peak did: on a
+    plateau, e.g. a top / left border cell under cv2's edge clamping, the plateau's first pixel)."""
     up = cv2.resize(np.asarray(values, np.float32), (SIZE, SIZE), interpolation=INTERP[interp])
     i, j = np.unravel_index(int(np.argmax(up)), up.shape)
     return (j + 0.5) / SIZE, (i + 0.5) / SIZE
+
+
+# how the peak is read off a map: the report's (fine_peak), the strongest cell's centre, and the
+# first maximum of the map resized to SIZE x SIZE (fine_peak before 2026-12-04: bilinear)
+READERS = {"3x3 centroid (fine_peak)": fine_peak, "cell centre": cell_peak,
+           **{f"first max, {k}": (lambda k: lambda m: peak(m, k))(k) for k in INTERP}}
 
 
 def layer_maps(model, x: torch.Tensor, t: torch.Tensor, layer: str, relu: bool) -> np.ndarray:
@@ -123,12 +134,12 @@ def main() -> None:
                 for relu in (True, False):
                     maps = layer_maps(model, x, t, layer, relu)
                     tag = f"LayerGradCam {layer}{' (default)' if layer == default else ''}, relu={relu}"
-                    interps = INTERP if layer == default and relu else ["bilinear"]
-                    for interp in interps:
-                        variants[f"{tag}, {interp}"] = [peak(m, interp) for m in maps]
-            variants[f"GuidedGradCam {default}"] = [peak(m) for m in guided_maps(model, x, t, default)]
+                    readers = READERS if layer == default and relu else {"3x3 centroid (fine_peak)": fine_peak}
+                    for rname, read in readers.items():
+                        variants[f"{tag}, {rname}"] = [read(m) for m in maps]
+            variants[f"GuidedGradCam {default}"] = [fine_peak(m) for m in guided_maps(model, x, t, default)]
             variants[f"shift-averaged LayerGradCam {default} (16 shifts)"] = [
-                peak(m) for m in shifted_maps(model, x, t, default)]
+                fine_peak(m) for m in shifted_maps(model, x, t, default)]
             for name, peaks in variants.items():
                 hits.setdefault(name, []).extend(on_white_cell(pk, c) for pk, c in zip(peaks, cells))
             for c in cells:  # chance: the covered share of a 224 x 224 grid
