@@ -148,7 +148,8 @@ def test_gallery_links_thumbnails_to_full_images(tmp_path):
         share = np.random.default_rng(idx).random((26, 26))
         share /= share.sum()
         ev = EvidenceMap("additive", share[None], np.array([0]), np.array([1.0]), np.array([0.0]))
-        cases.append(Explained(r, np.full((64, 64, 3), 200, np.uint8), ev, 0, 0.7, attribute(share, layout)))
+        cases.append(Explained(r, np.full((64, 64, 3), 200, np.uint8), ev, 0, 0.7, attribute(share, layout),
+                               layout=layout))
     page = write_gallery(exp, cases, picks, tmp_path / "report", 0.9, "aps")
     assert "Case gallery" in page and "true: abnormal (trisomy21, 47,XY,+21)" in page and "set (90%)" in page
     import re

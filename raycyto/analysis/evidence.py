@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from raycyto.evidence.evaluation import Explained, evidence_tables
+from raycyto.evidence.evaluation import Explained, evidence_tables, fine_peak
 from raycyto.evidence.layout import top
 from raycyto.evidence.maps import overlay
 
@@ -63,8 +63,6 @@ def _caption(exp: Any, e: Explained, pset: Optional[list[str]], level: float) ->
         ev = ", ".join(f"{t['chromosome']} {t['score']:.2f}" for t in top(e.scores, 3))
         ev = f"chromosomes: {ev}"
     else:
-        from raycyto.evidence.evaluation import fine_peak
-
         x, y = fine_peak(e.ev.share[0])
         ev = f"{e.ev.method} peak at ({x:.2f}, {y:.2f})"
     lines = [f"true: {truth}" + (f" ({', '.join(detail)})" if detail else ""),
@@ -90,9 +88,11 @@ def write_gallery(exp: Any, cases: list[Explained], picks: dict[str, pd.DataFram
     test = exp.predictions.loc[sorted({i for df in picks.values() for i in df.index})]
     sets = _sets(exp, exp.predictions[(exp.predictions["trial_id"] == test["trial_id"].iloc[0])
                                       & (exp.predictions["split"] == "test")], level, score) if len(test) else {}
+    named = any(e.layout is not None for e in cases)
     parts = ['<section class="gallery"><h2>Case gallery</h2><p class="note">The evidence painted over each '
-             "test image (red: where the answer comes from; blue box: the top chromosome's slot), by "
-             "the fold's own model. Click a thumbnail for the full-size image.</p>"]
+             "test image (red: where the answer comes from; blue "
+             + ("box: the top chromosome's slot" if named else "ring: the map's peak")
+             + "), by the fold's own model. Click a thumbnail for the full-size image.</p>"]
     for title, df in picks.items():
         parts.append(f"<h3>{html.escape(title)} ({len(df)})</h3>")
         if df.empty:
@@ -103,14 +103,9 @@ def write_gallery(exp: Any, cases: list[Explained], picks: dict[str, pd.DataFram
             e = by_index.get(idx)
             if e is None:
                 continue
-            boxes = None
-            hl: list[str] = []
-            if e.scores is not None:
-                from raycyto.evidence.layout import karyogram_layout
-
-                boxes = dict(karyogram_layout().boxes)
-                hl = [top(e.scores, 1)[0]["chromosome"]]
-            full = overlay(e.image, e.ev.share[0], boxes, hl)
+            boxes = dict(e.layout.boxes) if e.layout is not None else None
+            hl = [top(e.scores, 1)[0]["chromosome"]] if e.scores is not None else []
+            full = overlay(e.image, e.ev.share[0], boxes, hl, None if boxes else fine_peak(e.ev.share[0]))
             stem = f"f{int(e.row['fold'])}_{Path(str(e.row['path'])).stem}"
             (gdir / f"{stem}.png").write_bytes(png_bytes(full))
             thumb = cv2.resize(full, (THUMB, THUMB), interpolation=cv2.INTER_AREA)

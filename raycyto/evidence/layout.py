@@ -5,12 +5,18 @@ left): one per chromosome slot, named as in a karyotype (``1`` ... ``22``, ``X``
 ordered karyogram puts each chromosome pair in its slot, so the evidence a map puts inside a
 box is evidence about that chromosome.
 
-Sources, in the order :func:`bundle_layout` looks for them:
+The layout travels with the model: ``raycyto export`` writes it into the bundle as
+``layout.json`` (listed, with its SHA-256, in model.json ``files``; :func:`write_to_bundle`),
+:func:`export_layout` choosing it:
 
-- a ``layout.json`` in the model bundle (listed, with its SHA-256, in model.json ``files``;
-  :func:`write_to_bundle` adds one to an exported bundle);
-- the built-in layout of the synthetic karyograms (:func:`raycyto.synth.karyogram.layout`),
-  for bundles trained on them (model.json ``config.data.synthetic.task == "karyogram"``).
+- a lab's own layout file (``raycyto export --layout FILE``), else
+- the built-in layout of the synthetic karyograms (:func:`raycyto.synth.karyogram.layout`) when
+  the sweep trained on them (:func:`builtin_layout`: ``data.source: synthetic`` with
+  ``synthetic.task: karyogram``, or a data folder whose ``synth.json`` says ``karyogram``), else
+- none: the bundle gives the evidence map only.
+
+:func:`bundle_layout` reads it back (``LoadedModel``: ``raycyto predict``, ``/predict``, OIP); a
+bundle exported before layouts travelled falls back to :func:`builtin_layout` of its config.
 
 A lab's own layout is a small JSON or CSV file (:func:`load_layout`)::
 
@@ -36,6 +42,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from raycyto.errors import ConfigError
+from raycyto.synth.core import MARKER
+from raycyto.synth.karyogram import layout as synth_karyogram_layout
 
 LAYOUT_FILE = "layout.json"
 #: names a karyogram layout may use (the karyotype's)
@@ -129,20 +137,45 @@ def load_layout(path: str | Path) -> Layout:
 
 def karyogram_layout() -> Layout:
     """The built-in layout of the synthetic karyograms."""
-    from raycyto.synth.karyogram import layout
+    return Layout(synth_karyogram_layout(), "builtin:karyogram")
 
-    return Layout(layout(), "builtin:karyogram")
+
+def synthetic_task(config: Mapping[str, Any]) -> Optional[str]:
+    """The raycyto.synth task a sweep config's data come from: ``data.synthetic.task`` when
+    ``data.source`` is ``synthetic``, the ``task`` of a local data folder's ``synth.json``
+    (what ``raycyto synth`` and the main jobs write), else None (a lab's own images)."""
+    data = (config or {}).get("data") or {}
+    source = str(data.get("source") or "")
+    if source == "synthetic":
+        return str((data.get("synthetic") or {}).get("task") or "karyogram")
+    if not source or "://" in source:
+        return None
+    try:
+        return json.loads((Path(source) / MARKER).read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def builtin_layout(config: Mapping[str, Any]) -> Optional[Layout]:
+    """The built-in karyogram layout when the sweep config's data are raycyto.synth karyograms
+    (:func:`synthetic_task`), else None."""
+    return karyogram_layout() if synthetic_task(config) == "karyogram" else None
+
+
+def export_layout(config: Mapping[str, Any], path: str | Path | None = None) -> Optional[Layout]:
+    """The layout ``raycyto export`` stores: the file ``path`` (``--layout``) when given, else
+    :func:`builtin_layout` of the sweep config, else None."""
+    return load_layout(path) if path is not None else builtin_layout(config)
 
 
 def bundle_layout(model_dir: str | Path, meta: Mapping[str, Any]) -> Optional[Layout]:
     """The layout of a bundle: its ``layout.json`` (checksum verified by ``load_bundle``), else
-    the built-in one for bundles trained on synthetic karyograms, else None (map only)."""
+    (bundles exported before layouts travelled) :func:`builtin_layout` of its config, else None
+    (map only)."""
     if LAYOUT_FILE in (meta.get("files") or {}):
-        return parse_layout((Path(model_dir) / LAYOUT_FILE).read_text(), "bundle")
-    data = ((meta.get("config") or {}).get("data") or {})
-    if (data.get("synthetic") or {}).get("task") == "karyogram":
-        return karyogram_layout()
-    return None
+        doc = json.loads((Path(model_dir) / LAYOUT_FILE).read_text())
+        return _check(doc.get("boxes"), f"bundle layout ({doc.get('source') or LAYOUT_FILE})")
+    return builtin_layout(meta.get("config") or {})
 
 
 def write_to_bundle(model_dir: str | Path, layout: Layout) -> Path:

@@ -158,13 +158,15 @@ def peak(share: np.ndarray) -> tuple[float, float]:
 
 
 def overlay(image: np.ndarray, share: np.ndarray, boxes: Optional[dict[str, tuple]] = None,
-            highlight: Optional[list[str]] = None) -> np.ndarray:
+            highlight: Optional[list[str]] = None, mark: Optional[tuple[float, float]] = None) -> np.ndarray:
     """The image with the evidence painted over it: uint8 ``[H, W, 3]``.
 
     Args:
         image: uint8 RGB ``[H, W, 3]`` (any size).
         share: ``[h, w]`` evidence share (non-negative).
         boxes: layout boxes ``{name: (x0, y0, x1, y1)}`` (normalised); the ``highlight`` ones are outlined.
+        mark: a point ``(x, y)`` (normalised) ringed in the outline colour (a map's peak, where no
+            layout names a region).
     """
     import cv2
 
@@ -181,6 +183,9 @@ def overlay(image: np.ndarray, share: np.ndarray, boxes: Optional[dict[str, tupl
             x0, y0, x1, y1 = boxes[name]
             cv2.rectangle(out, (int(x0 * ww), int(y0 * hh)), (int(x1 * ww) - 1, int(y1 * hh) - 1),
                           (0, 90, 255), max(1, ww // 300))
+    if mark is not None:
+        cv2.circle(out, (int(mark[0] * ww), int(mark[1] * hh)), max(4, min(hh, ww) // 16), (0, 90, 255),
+                   max(1, ww // 150))
     return out
 
 

@@ -27,6 +27,12 @@ def export(
     refer_rule: Optional[str] = typer.Option(None, "--refer-rule", help="referral rule stored for Serve: vote "
                                              "(confidence < threshold), set (prediction set not one class) or "
                                              "risk (risk-controlled threshold; binary) (default mc.refer_rule)"),
+    layout: Optional[Path] = typer.Option(None, "--layout", help="karyogram layout stored in the bundle, so "
+                                          "answers name chromosomes: a JSON or CSV file of chromosome slots "
+                                          "(name,x0,y0,x1,y1 in normalised image coordinates; README: Where the "
+                                          "evidence is); "
+                                          "default: the built-in one for raycyto.synth karyograms, else none "
+                                          "(evidence map only)"),
 ) -> None:
     """Export the configuration the report calls best (chosen on validation folds) as a servable bundle,
     with its referral calibration (prediction sets, risk-controlled threshold) on the trial's
@@ -35,12 +41,13 @@ def export(
     Example: raycyto export runs/demo --select auc --refer-rule risk --target-recall 0.9
     """
     from raycyto.errors import RaycytoError
+    from raycyto.evidence.layout import LAYOUT_FILE
     from raycyto.export.core import export_model
     from raycyto.storage import read_text
 
     try:
         path = export_model(exp_dir, out, select=select, trial=trial, target_recall=target_recall,
-                            threshold=threshold, refer_rule=refer_rule)
+                            threshold=threshold, refer_rule=refer_rule, layout=layout)
     except RaycytoError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -49,6 +56,11 @@ def export(
     typer.echo(f"exported {meta.get('name')} (trial {sel.get('trial_id')}, fold {sel.get('fold')}; "
                f"rule {sel.get('rule')}); that fold's test accuracy {test.get('accuracy', float('nan')):.3f}, "
                f"balanced accuracy {test.get('balanced_accuracy', float('nan')):.3f} -> {path}")
+    if LAYOUT_FILE in (meta.get("files") or {}):
+        source = json.loads(read_text(f"{path}/{LAYOUT_FILE}")).get("source") or LAYOUT_FILE
+        typer.echo(f"layout: {source} (answers name chromosomes)")
+    else:
+        typer.echo("layout: none (answers give the evidence map only; --layout FILE names chromosomes)")
     referral = meta.get("referral")
     if referral is None:
         typer.echo("referral: vote rule only (no out-of-fold rows to calibrate prediction sets on)")

@@ -20,6 +20,11 @@ gauge (:func:`validation_reference`): the exported bundle's own answers on the e
 test images (class counts, referral and out-of-distribution counts, sorted confidences and
 guard distances).
 
+``layout.json`` (checksummed in model.json ``files``) is the karyogram layout that turns the
+evidence map into chromosome names (:func:`raycyto.evidence.layout.export_layout`): the file
+given as ``--layout``, else the built-in one when the sweep trained on raycyto.synth
+karyograms, else none (Serve then gives the map only).
+
 ``model.json["metrics"]`` carries the exported fold's own validation and test metrics
 (recomputed from predictions.parquet), and the trial's fold means labelled as such. The
 checkpoint bundle is loaded (its checksums verified), enriched and saved again with
@@ -29,7 +34,6 @@ file and ``load_bundle`` refuses a tampered copy.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from datetime import datetime, timezone
@@ -42,6 +46,7 @@ import pandas as pd
 from raycyto.config import METRICS
 from raycyto.data.decode import is_uri
 from raycyto.errors import ConfigError, RaycytoError
+from raycyto.evidence.layout import export_layout, write_to_bundle
 from raycyto.referral.fit import CalibrationError, calibrate_trial, mc_config, with_rule
 from raycyto.storage import copy_tree
 
@@ -212,7 +217,8 @@ def validation_reference(bundle_dir: Path, exp: Any, trial_id: str, fold: int) -
 
 def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str | None = None,
                  trial: str | None = None, target_recall: float | None = None,
-                 threshold: float | None = None, refer_rule: str | None = None) -> Path | str:
+                 threshold: float | None = None, refer_rule: str | None = None,
+                 layout: str | Path | None = None) -> Path | str:
     """Export the configuration the selection rule calls best (or a named trial) as a bundle.
 
     Args:
@@ -228,6 +234,8 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
             ``mc.target_recall``), the report's ``--target-recall``.
         threshold: the vote threshold Serve applies (default: the sweep's ``mc.threshold``).
         refer_rule: ``vote``, ``set`` or ``risk`` (default ``mc.refer_rule``).
+        layout: a karyogram layout file (JSON or CSV, :func:`raycyto.evidence.layout.load_layout`)
+            stored in the bundle; default: the built-in one for raycyto.synth karyograms, else none.
     Returns:
         ``out`` (holding model.json + weight files).
     """
@@ -246,7 +254,7 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
 
         with tempfile.TemporaryDirectory(prefix="raycyto-export-") as tmp:
             copy_tree(str(export_model(exp_dir, Path(tmp) / "model", select, trial, target_recall,
-                                       threshold, refer_rule)), str(out))
+                                       threshold, refer_rule, layout)), str(out))
         return out
     out = Path(out)
     exp = load_experiment(exp_dir)
@@ -267,6 +275,10 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
 
     experiment = exp.meta
     config = yaml.safe_load(exp.config_text) or {}
+    try:
+        chosen_layout = export_layout(config, layout)
+    except ConfigError as e:
+        raise ConfigError("--layout", e.message) from None
     mc = {**(meta.get("mc") or {}), **(experiment.get("mc") or {})}
     mc.setdefault("scope", "head")
     if threshold is not None:
@@ -305,6 +317,8 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
     reference = validation_reference(tmp, exp, trial_id, fold)
     if reference is not None:  # answered by the saved bundle itself, then stored in it
         save_bundle(tmp, model, {**enriched, "reference": reference}, guard=guard)
+    if chosen_layout is not None:
+        write_to_bundle(tmp, chosen_layout)
     load_bundle(tmp)  # refuse to publish a bundle that does not verify
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
