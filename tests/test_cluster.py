@@ -40,6 +40,7 @@ from raycluster import BIN, RAY, LocalCluster
 
 from raycyto.analysis.load import read_csv
 from raycyto.storage import copy_tree
+from raycyto.tune.sweep import STATE_PERIOD_S
 from raycyto.tune.trainable import read_events
 
 pytestmark = pytest.mark.slow
@@ -201,6 +202,7 @@ def test_readme_cluster_recipe_runs_job_by_job_on_three_nodes(recipe_run, s3):
     assert steps == [["raycyto", "sweep"], ["raycyto", "report"], ["raycyto", "export"]], steps
     for argv, rc, out in recipe_run["outputs"]:
         assert rc == 0 and re.search(r"Job 'raysubmit_\w+' succeeded", out), (argv, out[-4000:])
+        print("\n" + shlex.join(argv[argv.index("--") + 1:]) + ": " + re.search(r"Job 'raysubmit_\w+' succeeded", out).group(0))
     exp = recipe_run["exp"]
     assert (exp / "report" / "report.html").is_file()
     assert s3.get_file_info(f"{recipe_run['model']}/model.json").type == pafs.FileType.File
@@ -271,6 +273,7 @@ def test_stopped_sweep_job_resumed_reruns_no_finished_trial(cluster, config, tmp
 
     wait_for(lambda: len(finished()) >= 2, "two trials finished")
     first = finished()
+    time.sleep(3 * STATE_PERIOD_S)  # Tune's state snapshot (and its upload) holds them now
     subprocess.run([RAY, "job", "stop", f"--address={cluster.job_address}", jid], env=cluster.env,
                    capture_output=True, text=True, timeout=120)
     assert wait_job(cluster, jid) == "STOPPED"

@@ -29,6 +29,7 @@ TUNE_NAME = "tune"            # Tune's run directory: EXP_DIR/tune/
 ARTIFACT_DIRS = ("histories", "predictions", "checkpoints")  # what trials write per fold
 FAIL_ONCE_ENV = "RAYCYTO_FAIL_ONCE"   # test hook, see raycyto.tune.trainable
 CELL = ("backbone", "finetune", "head")
+STATE_PERIOD_S = 2  # Tune's experiment-state snapshot period (TUNE_GLOBAL_CHECKPOINT_S)
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -222,6 +223,10 @@ def _tuner(cfg: SweepConfig, ctx: Any, exp_dir: Path, progress: bool, restore: b
     callback = RichProgress(len(cells) * cfg.search.samples * cfg.cv.folds, cfg.search.metric, progress)
     # RichProgress is the sweep's output; Tune's own banner and TensorBoard hints would repeat it
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune snapshots its experiment state (which trials finished) every 10 s or more ("auto"); a
+    # trial that finished since the last snapshot is lost to --resume and its budget re-drawn.
+    # Every STATE_PERIOD_S instead: a small file, uploaded in the background.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_PERIOD_S))
     tune_path = tune_storage(cfg, exp_dir)
     if restore:
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True), callback
