@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from raycyto.analysis import plots

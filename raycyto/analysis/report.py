@@ -146,7 +146,7 @@ class _Report:
         return (same if len(same) else probes).iloc[0]
 
     def headline(self) -> Headline:
-        exp, mc, best = self.exp, self.mc, self.summary[self.summary["best"]].iloc[0]
+        exp, best = self.exp, self.summary[self.summary["best"]].iloc[0]
         pos = exp.class_names[exp.positive] if exp.positive is not None else None
         keys = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
                 ("recall", f"{pos} recall" if pos else "macro recall"), ("auc", "AUC"),
