@@ -13,8 +13,10 @@ import pytest
 # Tests never download anything; make hub-style loaders fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Serve runs as `raycyto serve` runs it (Ray's high-throughput mode, raycyto.serve.app.SERVE_ENV)
+# Serve runs as `raycyto serve` runs it (HAProxy ingress + Ray's high-throughput mode,
+# raycyto.serve.app.SERVE_ENV; ray_local gives its HAProxy free ports)
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,6 +77,18 @@ def stop_head(temp_dir: str) -> None:
             time.sleep(0.5)
 
 
+def haproxy_backends(stats_port: int | str) -> set[str]:
+    """The backends (Serve apps, ``http-<app>``) of the HAProxy whose stats page is on
+    ``stats_port``: proof that a Serve runs behind HAProxy (raycyto.serve.app.SERVE_ENV)."""
+    import csv
+    import io
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10) as r:  # noqa: S310
+        rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
+        return {row["pxname"] for row in rows if row["svname"] == "BACKEND"}
+
+
 def encode_image(image, ext: str) -> bytes:
     """An RGB uint8 array ``[H, W, 3]`` encoded as ``ext`` (".png", ".jpg", ".tif", ".bmp")."""
     import cv2
@@ -119,6 +133,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from raycyto.serve.app import serve_env
+
+        serve_env()  # HAProxy's stats / exporter ports: free ones (each xdist worker has a Ray)
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
     yield ray
