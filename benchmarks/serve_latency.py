@@ -29,7 +29,10 @@ Ray with its replicas still takes CPU on a 2-core machine). The phases:
      torch thread), repeated and interleaved;
   3. the same model with ``inline: false`` (Ingress -> Backbone, one hop more) and under the
      high-throughput setting alone, beside raycyto's and the in-process call (T=100);
-  4. fan-out: the T passes in 1 chunk vs N chunks over N MC-head replicas, for a head-scope
+  4. evidence (issue 22): a karyogram bundle with a map head (top-3 chromosomes + evidence map
+     on every answer, from the embedding) served twice, with the evidence and without
+     (``evidence: false``), T=100, interleaved;
+  5. fan-out: the T passes in 1 chunk vs N chunks over N MC-head replicas, for a head-scope
      model (T=100) and a full-scope model, and the head-scope break-even T.
 
 The last lines: the ratio to the peer, throughput at concurrency 32 / offline, and
@@ -46,7 +49,6 @@ import asyncio
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved here
+
+from raycyto.serve.ports import free_ports
 
 # Ray / Serve variables a variant sets; the others' values never leak into it from this shell
 CONTROLLED = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
@@ -147,9 +151,10 @@ def _serve_server(a: argparse.Namespace, image: bytes) -> None:
                 serve.run(_bare_app(), name="bare", route_prefix="/bare", logging_config=quiet)
                 routes.append("/bare")
                 continue
-            path = bundles["full" if name == "full" else "head"]  # /hop: the head model with inline: false
-            serve.run(build_app(AppArgs(model_dir=path, inline=name != "hop", **small)), name=name,
-                      route_prefix=f"/{name}", logging_config=quiet)
+            # /hop: the head model with inline: false; /ev, /noev: the map-head karyogram model
+            path = bundles[{"full": "full", "ev": "karyo", "noev": "karyo"}.get(name, "head")]
+            serve.run(build_app(AppArgs(model_dir=path, inline=name != "hop", evidence=name != "noev", **small)),
+                      name=name, route_prefix=f"/{name}", logging_config=quiet)
             routes.append(f"/{name}/predict")
         _wait_until_answered(a.port, routes, image)
         print(READY, flush=True)
@@ -254,7 +259,8 @@ class Server:
 
 
 def _bundles(root: Path) -> dict[str, str]:
-    """A head-scope (frozen) and a full-scope (last block fine-tuned + backbone dropout) bundle."""
+    """A head-scope (frozen) and a full-scope (last block fine-tuned + backbone dropout) bundle,
+    and a karyogram one with the map head s (evidence from the embedding, the built-in layout)."""
     from raycyto.models.bundle import save_bundle
     from raycyto.models.classifier import build_classifier
 
@@ -264,7 +270,11 @@ def _bundles(root: Path) -> dict[str, str]:
                             pretrained=True, backbone_dropout=0.2)
     save_bundle(root / "head", head, {**meta, "name": "head", "mc": {"scope": "head"}})
     save_bundle(root / "full", full, {**meta, "name": "full", "mc": {"scope": "full"}})
-    return {"head": str(root / "head"), "full": str(root / "full")}
+    karyo = build_classifier("efficientnet_lite0", head="s", num_classes=2, pretrained=True,
+                             head_kwargs={"grid": (14, 14)})  # blocks.4 of Lite0 at 224 px
+    save_bundle(root / "karyo", karyo, {**meta, "name": "karyo", "input_size": 224, "mc": {"scope": "head"},
+                                        "config": {"data": {"synthetic": {"task": "karyogram"}}}})
+    return {"head": str(root / "head"), "full": str(root / "full"), "karyo": str(root / "karyo")}
 
 
 def _mallopt() -> None:
@@ -280,17 +290,6 @@ def _image() -> bytes:
     import cv2
 
     return cv2.imencode(".png", (np.random.default_rng(0).random((224, 224, 3)) * 255).astype(np.uint8))[1].tobytes()
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _pct(xs: list[float]) -> tuple[float, float]:
@@ -415,7 +414,7 @@ def main() -> None:
     def start(name: str, env: dict[str, str], apps: str | None) -> None:
         """A server on ports chosen just before it starts (Rays starting together pick free
         ports of their own and could take one); HAProxy's stats / exporter ports too."""
-        port, *haproxy = _free_ports(1 + len(HAPROXY_PORT_ENV))
+        port, *haproxy = free_ports(1 + len(HAPROXY_PORT_ENV))
         if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
             env = {**env, **dict(zip(HAPROXY_PORT_ENV, map(str, haproxy)))}
         extra = [] if apps is None else ["--apps", apps]
@@ -501,7 +500,15 @@ def main() -> None:
         }, max(10, a.rounds // 2), {})
         stop("previous")
 
-        # 4. fan-out of the passes over the MC-head replicas
+        # 4. evidence on every answer (map head) vs the same model without it
+        servers["haproxy"].deploy("ev,noev", a.start_timeout)
+        for name in ("ev", "noev"):
+            warm("haproxy", f"/{name}/predict", passes=100)
+        evidence = _rounds({name: (lambda name=name: _timed_post(clients["haproxy"], f"/{name}/predict", image,
+                                                                 passes=100)) for name in ("ev", "noev")},
+                           a.rounds, {})
+
+        # 5. fan-out of the passes over the MC-head replicas
         servers["haproxy"].deploy("full", a.start_timeout)
         _timed_post(clients["haproxy"], "/full/predict", image, passes=2)
         fan: dict[str, dict[int, float]] = {}
@@ -546,6 +553,12 @@ def main() -> None:
                      ("inproc", "in-process (LocalPredictor)")):
         ratio = "" if k == "inproc" else f"   {pm[k][0] / pm['inproc'][0]:.2f}x"
         rows.append((f"   {label}", f"{pm[k][0]:8.1f} / {pm[k][1]:8.1f}{ratio}"))
+    pe = {k: _pct(v) for k, v in evidence.items()}
+    rows.append((f"-- evidence, map-head karyogram model, /predict T=100, {len(evidence['ev'])} requests each, "
+                 "p50 / p99 (ms)", ""))
+    rows.append(("   with the evidence (top 3 chromosomes + evidence map)", f"{pe['ev'][0]:8.1f} / {pe['ev'][1]:8.1f}"))
+    rows.append(("   without (evidence: false)", f"{pe['noev'][0]:8.1f} / {pe['noev'][1]:8.1f}"))
+    rows.append(("   evidence cost T=100 (p50 with / without)", f"{pe['ev'][0] / pe['noev'][0]:8.2f}x"))
     rows.append(("-- throughput T=100 (requests/s)", ""))
     for c_, rps in conc.items():
         rows.append((f"   raycyto concurrency {c_:>2}", f"{rps:8.1f}"))

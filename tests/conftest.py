@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from raycyto.serve.ports import free_ports  # noqa: F401  (tests import it from here)
 
 # Tests never download anything; make hub-style loaders fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,19 +37,6 @@ def pytest_collection_modifyitems(config, items):
 def free_port() -> int:
     """A TCP port nothing listens on now (for endpoints and Ray job servers in tests)."""
     return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports (all held open while chosen: ``free_port()`` called n times
-    may hand out the same port twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def pids_naming(text: str) -> list[int]:
@@ -87,6 +75,23 @@ def haproxy_backends(stats_port: int | str) -> set[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10) as r:  # noqa: S310
         rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
         return {row["pxname"] for row in rows if row["svname"] == "BACKEND"}
+
+
+def shutdown_serve(timeout_s: float = 60.0) -> None:
+    """``serve.shutdown()``, then wait until its controller is gone: when the controller does not
+    stop in Serve's 30 s it is killed in the background, and a ``serve.start`` meanwhile (the next
+    module's) would connect to the dying one."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.5)
 
 
 def encode_image(image, ext: str) -> bytes:

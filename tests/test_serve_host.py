@@ -1,19 +1,27 @@
-"""The Ingress's model host and how Serve is started, without a Serve: the local host (Engine,
-batching with local_batch outside a replica) batches concurrent requests, images of different
-sizes included, and answers as each request alone does; both hosts have the whole ModelHost
-interface; serve_env's HAProxy settings."""
+"""The Ingress's model host and how Serve is started: the local host (Engine, batching with
+local_batch outside a replica) batches concurrent requests, images of different sizes included,
+and answers as each request alone does; both hosts have the whole ModelHost interface;
+serve_env's HAProxy settings; the remote host on a live Serve loses Backbone replicas under
+load without a 500 (retried on another replica, else 503 + Retry-After) and heals."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import os
+import threading
+import time
+from collections import Counter
 
+import httpx
 import numpy as np
 import pytest
+import ray
+from conftest import encode_image, free_port, shutdown_serve
+from ray import serve
 
 from raycyto.serve import app as serve_app
-from raycyto.serve.app import Engine, ModelHost, RemoteHost, local_batch, serve_env
+from raycyto.serve.app import AppArgs, Engine, ModelHost, RemoteHost, build_app, local_batch, serve_env
 from raycyto.serve.predict import chunk_plan
 
 
@@ -121,3 +129,61 @@ def test_every_serve_config_says_how_to_start_ray_for_it(name):
 
     text = (Path(__file__).parents[1] / "serve_configs" / name).read_text()
     assert all(f"{k}={v}" in text for k, v in serve_app.SERVE_ENV.items()), name
+
+
+def _backbone_actors(app: str) -> list:
+    """Handles of the running Backbone replica actors of Serve app ``app``."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#Backbone#")]
+    return [ray.get_actor(n, namespace="serve") for n in names]
+
+
+@pytest.mark.slow
+def test_a_backbone_replica_killed_under_load_costs_no_500_and_serve_heals(ray_local, serve_bundle):
+    """The remote host (Ingress -> Backbone, inline: false) on a local Serve with 2 Backbone
+    replicas: one killed under steady requests, then both; every answer is 200 or 503 with
+    Retry-After (never a 500), and the endpoint answers 200 again within 60 s."""
+
+    port, app = free_port(), "host-kill"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(AppArgs(model_dir=str(serve_bundle), inline=False, backbone_replicas=2,
+                                    backbone_num_cpus=0.25, mc_replicas=1, mc_num_cpus=0.1, ingress_num_cpus=0.1,
+                                    backbone_timeout_s=3.0)), name=app, route_prefix="/")
+        png = encode_image((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8), ".png")
+        codes: list[tuple[int, bool]] = []
+        stop = threading.Event()
+
+        def client() -> None:  # steady requests, one at a time per client
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post("/predict", content=png, headers={"content-type": "image/png"}, params={"passes": 4})
+                    codes.append((r.status_code, "retry-after" in r.headers))
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(2)
+            victims = _backbone_actors(app)
+            assert len(victims) == 2
+            ray.kill(victims[0], no_restart=True)  # one replica dies mid-traffic: its calls go to the other
+            time.sleep(4)
+            one_killed = list(codes)
+            for v in _backbone_actors(app):  # then every replica: 503 + Retry-After until Serve restarts them
+                ray.kill(v, no_restart=True)
+            time.sleep(5)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and [c for c, _ in codes[-3:]] != [200] * 3:
+                time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        seen = f"(status, Retry-After): one replica killed {Counter(one_killed)}, in all {Counter(codes)}"
+        assert {c for c, _ in codes} <= {200, 503}, seen
+        assert all(retry for c, retry in codes if c == 503), seen  # every 503 says when to retry
+        assert sum(c == 200 for c, _ in one_killed) >= 0.8 * len(one_killed), seen  # the retry took them
+        assert [c for c, _ in codes[-3:]] == [200] * 3, seen  # healthy again within 60 s
+    finally:
+        shutdown_serve()  # the next module's serve.start gets its own controller and port

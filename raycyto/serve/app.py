@@ -28,7 +28,6 @@ the builder's parameter annotation as a class to validate the YAML ``args``.
 import asyncio
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -37,10 +36,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.exceptions import LocalRayletDiedError, NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from raycyto.device import worker_device
 from raycyto.serve.api import ApiSettings, ModelIndex, ServedModel, ServiceUnavailable, build_api
+from raycyto.serve.ports import free_ports
 from raycyto.serve.predict import DEFAULT_MC_REPLICAS, LoadedModel, build_result, chunk_plan, resolve_fan_out
 
 log = logging.getLogger(__name__)
@@ -62,18 +64,6 @@ HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_P
 AUTO_PORTS_ENV = "RAYCYTO_HAPROXY_AUTO_PORTS"
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports nothing listens on now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def serve_env() -> dict[str, str]:
     """Put :data:`SERVE_ENV` into this process's environment (values already set win) and, in
     HAProxy mode, free ports for HAProxy's stats page and exporter (:data:`HAPROXY_PORT_ENV`;
@@ -88,7 +78,7 @@ def serve_env() -> dict[str, str]:
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         auto = set(filter(None, os.environ.get(AUTO_PORTS_ENV, "").split(",")))
         keys = [k for k in HAPROXY_PORT_ENV if k in auto or not os.environ.get(k)]
-        out.update({k: str(port) for k, port in zip(keys, _free_ports(len(keys)))})
+        out.update({k: str(port) for k, port in zip(keys, free_ports(len(keys), host=""))})
         if keys:
             out[AUTO_PORTS_ENV] = ",".join(sorted(auto | set(keys)))
         os.environ.update(out)
@@ -146,7 +136,14 @@ class AppArgs(BaseModel):
     ingress_num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(16, ge=1, description="ingress: per-replica concurrency")
     max_queued_requests: int = Field(64, ge=-1, description="ingress: queue bound; excess -> 503")
-    chunk_retries: int = Field(2, ge=0, description="retries of a call whose replica died")
+    chunk_retries: int = Field(2, ge=0, description="retries of a call whose replica died (another replica "
+                                                     "takes it)")
+    backbone_timeout_s: Optional[float] = Field(
+        30.0, gt=0, description="inline: false: a Backbone call unanswered this long (e.g. every replica "
+                                "dead, restarting) gets 503 + Retry-After; None: wait")
+    evidence: bool = Field(True, description="every answer carries the evidence its head gives from the "
+                                             "embedding (map heads: top 3 chromosomes / evidence map); false: "
+                                             "only with explain=true")
     metrics: bool = Field(True, description="export raycyto_* Prometheus metrics through Ray")
     audit_log: Optional[str] = Field(None, description="JSONL audit file ({replica} is replaced); None: off")
     audit_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="audit file rotation size")
@@ -226,7 +223,8 @@ def describe_model(m: LoadedModel) -> dict[str, Any]:
             "seed": int(getattr(m, "default_seed", 0)),
             "input_size": int(m.meta.get("input_size") or m.model.spec.input_size),
             "referral": m.meta.get("referral"), "positive_class": m.meta.get("positive_class"),
-            "ood_threshold": m.ood_threshold}
+            "ood_threshold": m.ood_threshold,
+            "evidence": {"method": m.evidence_method, "layout": m.layout is not None}}
 
 
 class ModelHost(Protocol):
@@ -240,13 +238,18 @@ class ModelHost(Protocol):
     async def ready(self, key: str) -> bool:
         """True once the bundle is loaded where it runs (loading it if needed)."""
 
-    async def embed(self, key: str, image: np.ndarray) -> dict[str, Any]:
+    async def embed(self, key: str, image: np.ndarray, evidence: bool = True,
+                    explain: bool = False) -> dict[str, Any]:
         """uint8 ``[H, W, 3]`` image -> ``{"x": features [D] (head scope) or pixels [3, S, S]
-        (full scope), "ood": the guard's score of the pooled features (None without a guard)}``."""
+        (full scope), "ood": the guard's score of the pooled features (None without a guard),
+        "evidence": :meth:`LoadedModel.evidence`'s fields (None when ``evidence`` and
+        ``explain`` are both off, or a Grad-CAM head without ``explain``)}``."""
 
-    async def predict(self, key: str, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
+    async def predict(self, key: str, image: np.ndarray, plan: list[Any], evidence: bool = True,
+                      explain: bool = False) -> dict[str, Any]:
         """Embed, then run the chunks of ``plan`` (``chunk_plan``'s) where the model is:
-        ``{"probs": [T, C] in chunk order, "ood": score, "replica": who ran it}``."""
+        ``{"probs": [T, C] in chunk order, "ood": score, "evidence": as :meth:`embed`'s,
+        "replica": who ran it}``."""
 
 
 class Engine:
@@ -287,11 +290,12 @@ class Engine:
     def _queue(self, key: str) -> Any:
         if key not in self._queues:
             @self._batch(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
-            async def run(images: list[np.ndarray], plans: list[Optional[list[Any]]]) -> list[dict[str, Any]]:
+            async def run(images: list[np.ndarray], plans: list[Optional[list[Any]]],
+                          evidence: list[tuple[bool, bool]]) -> list[dict[str, Any]]:
                 m = await self.load(key)
                 if self.metrics is not None:
                     self.metrics.batch(m.name, len(images))
-                return await self._locked(_embed_and_pass, m, images, plans)
+                return await self._locked(_embed_and_pass, m, images, plans, evidence)
 
             self._queues[key] = run
         return self._queues[key]
@@ -303,13 +307,15 @@ class Engine:
         await self.load(key)
         return True
 
-    async def embed(self, key: str, image: np.ndarray) -> dict[str, Any]:
+    async def embed(self, key: str, image: np.ndarray, evidence: bool = True,
+                    explain: bool = False) -> dict[str, Any]:
         """Batched with concurrent requests of the same model."""
-        return await self._queue(key)(image, None)
+        return await self._queue(key)(image, None, (evidence, explain))
 
-    async def predict(self, key: str, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
+    async def predict(self, key: str, image: np.ndarray, plan: list[Any], evidence: bool = True,
+                      explain: bool = False) -> dict[str, Any]:
         """Embedded in a batch with concurrent requests, then the passes of ``plan`` here."""
-        return {**await self._queue(key)(image, plan), "replica": self.replica_id}
+        return {**await self._queue(key)(image, plan, (evidence, explain)), "replica": self.replica_id}
 
 
 def _in_replica() -> bool:
@@ -371,36 +377,61 @@ def _same_input_size(m: LoadedModel, images: list[np.ndarray]) -> list[list[int]
     return list(groups.values())
 
 
-def _embed_and_pass(m: LoadedModel, images: list[np.ndarray],
-                    plans: list[Optional[list[Any]]]) -> list[dict[str, Any]]:
-    """One batch: embed every image, then each image's passes (plan None: the embedding)."""
+def _embed_and_pass(m: LoadedModel, images: list[np.ndarray], plans: list[Optional[list[Any]]],
+                    evidence: list[tuple[bool, bool]]) -> list[dict[str, Any]]:
+    """One batch: embed every image, its evidence (once, from the embedding; per image
+    ``(evidence, explain)``), then each image's passes (plan None: the embedding)."""
     embedded: list[Any] = [None] * len(images)
     for group in _same_input_size(m, images):
         for i, scored in zip(group, m.embed_scored([images[i] for i in group])):
             embedded[i] = scored
     out = []
-    for (x, ood), plan in zip(embedded, plans):
+    for image, (x, ood), plan, (want, explain) in zip(images, embedded, plans, evidence):
+        answer = {"ood": ood, "evidence": m.evidence(x, image, explain) if want or explain else None}
         if plan is None:
-            out.append({"x": x, "ood": ood})
+            answer["x"] = x
         else:
-            out.append({"probs": np.concatenate([m.run_chunk(x, c) for c in plan]), "ood": ood})
+            answer["probs"] = np.concatenate([m.run_chunk(x, c) for c in plan])
+        out.append(answer)
     return out
 
 
-async def call_with_retries(method: Any, retries: int, *args: Any) -> Any:
-    """``await method.remote(*args)`` (a deployment handle's method), retried ``retries``
-    times when the replica died under the call.
+# What Ray 2.60 raises to a deployment handle's caller when the replica (its actor, its worker
+# or its node) died or went away: the actor errors (ActorDiedError, ActorUnavailableError, the
+# latter also for a gRPC UNAVAILABLE in high-throughput mode), the process and node errors, and
+# Serve's own when the router dropped the replica or has none (DeploymentUnavailableError).
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError,
+                ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def replica_lost(e: BaseException) -> bool:
+    """True when ``e`` says the replica that held a call died or went away (then the call can
+    go to another replica), also when Serve wraps the actor's death as an upstream crash."""
+    return isinstance(e, REPLICA_LOST) or isinstance(e.__cause__, REPLICA_LOST)
+
+
+async def call_with_retries(method: Any, retries: int, *args: Any, timeout_s: Optional[float] = None,
+                            **kwargs: Any) -> Any:
+    """``await method.remote(*args, **kwargs)`` (a deployment handle's method), retried
+    ``retries`` times when the replica died under the call (Serve's router then sends it to
+    another replica).
 
     Raises:
-        ServiceUnavailable: still failing after the retries (the API answers 503).
+        ServiceUnavailable: still failing after the retries, the deployment's queue full
+            (BackPressureError) or no answer within ``timeout_s`` (the API answers 503 with
+            ``Retry-After``).
     """
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    last: Exception | None = None
+    last: BaseException | None = None
     for attempt in range(retries + 1):
         try:
-            return await method.remote(*args)
-        except (RayActorError, ActorUnavailableError) as e:
+            return await asyncio.wait_for(method.remote(*args, **kwargs), timeout_s)
+        except BackPressureError as e:
+            raise ServiceUnavailable(f"model replicas overloaded ({e})") from None
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"no model replica answered within {timeout_s:g} s") from None
+        except Exception as e:  # noqa: BLE001 - replica_lost picks the ones to retry
+            if not replica_lost(e):
+                raise
             last = e
             log.warning("replica failed (attempt %d): %s", attempt + 1, type(e).__name__)
             await asyncio.sleep(0.05 * 2**attempt)
@@ -413,27 +444,33 @@ class RemoteHost:
     when that replica dies under it.
 
     Args:
-        backbone: the Backbone deployment's handle.
+        backbone: the Backbone deployment's handle (its replicas may be on any node).
         retries: retries of a call whose replica died.
+        timeout_s: a call unanswered this long gets :class:`ServiceUnavailable` (None: no limit).
     """
 
-    def __init__(self, backbone: DeploymentHandle, retries: int) -> None:
-        self.backbone, self.retries = backbone, retries
+    def __init__(self, backbone: DeploymentHandle, retries: int, timeout_s: Optional[float] = None) -> None:
+        self.backbone, self.retries, self.timeout_s = backbone, retries, timeout_s
 
-    def _on(self, key: str) -> DeploymentHandle:
-        return self.backbone.options(multiplexed_model_id=key)
+    def _call(self, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        handle = self.backbone.options(multiplexed_model_id=key)
+        return call_with_retries(getattr(handle, method), self.retries, *args, timeout_s=self.timeout_s, **kwargs)
 
     async def describe(self, key: str) -> dict[str, Any]:
-        return await call_with_retries(self._on(key).describe, self.retries)
+        """No time limit: the Ingress's constructor waits for the Backbone to load the bundle."""
+        handle = self.backbone.options(multiplexed_model_id=key)
+        return await call_with_retries(handle.describe, self.retries)
 
     async def ready(self, key: str) -> bool:
-        return await self._on(key).ready.remote()
+        return await self._call(key, "ready")
 
-    async def embed(self, key: str, image: np.ndarray) -> dict[str, Any]:
-        return await call_with_retries(self._on(key).embed, self.retries, image)
+    async def embed(self, key: str, image: np.ndarray, evidence: bool = True,
+                    explain: bool = False) -> dict[str, Any]:
+        return await self._call(key, "embed", image, evidence, explain)
 
-    async def predict(self, key: str, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
-        return await call_with_retries(self._on(key).predict, self.retries, image, plan)
+    async def predict(self, key: str, image: np.ndarray, plan: list[Any], evidence: bool = True,
+                      explain: bool = False) -> dict[str, Any]:
+        return await self._call(key, "predict", image, plan, evidence, explain)
 
 
 @serve.deployment(name="Backbone", max_ongoing_requests=32, health_check_period_s=10)
@@ -466,11 +503,12 @@ class Backbone(_ModelReplica):
     async def describe(self) -> dict[str, Any]:
         return await self.engine.describe(self._key())
 
-    async def embed(self, image: np.ndarray) -> dict[str, Any]:
-        return await self.engine.embed(self._key(), image)
+    async def embed(self, image: np.ndarray, evidence: bool = True, explain: bool = False) -> dict[str, Any]:
+        return await self.engine.embed(self._key(), image, evidence, explain)
 
-    async def predict(self, image: np.ndarray, plan: list[Any]) -> dict[str, Any]:
-        return await self.engine.predict(self._key(), image, plan)
+    async def predict(self, image: np.ndarray, plan: list[Any], evidence: bool = True,
+                      explain: bool = False) -> dict[str, Any]:
+        return await self.engine.predict(self._key(), image, plan, evidence, explain)
 
 
 @serve.deployment(name="MCHead", num_replicas=DEFAULT_MC_REPLICAS, max_ongoing_requests=8,
@@ -537,7 +575,7 @@ class Ingress:
                                      BatchMetrics() if a.metrics else None,
                                      serve.get_replica_context().replica_tag)
         else:
-            self.host = RemoteHost(backbone, a.chunk_retries)
+            self.host = RemoteHost(backbone, a.chunk_retries, a.backbone_timeout_s)
         described = await asyncio.gather(*[self.host.describe(s.model_dir) for s in sources])
         self.index = ModelIndex([self._served(s, d) for s, d in zip(sources, described)])
         self.metrics = None
@@ -564,7 +602,9 @@ class Ingress:
                            policy=ReferralPolicy.from_meta({"referral": d.get("referral"),  # set_keep reads classes
                                                             "class_names": d["class_names"],
                                                             "positive_class": d.get("positive_class")}, a.refer_rule),
-                           ood_threshold=d.get("ood_threshold"))
+                           ood_threshold=d.get("ood_threshold"),
+                           evidence=(d.get("evidence") or {}).get("method") if a.evidence else None,
+                           layout=bool((d.get("evidence") or {}).get("layout")))
 
     def __serve_build_asgi_app__(self) -> Any:
         a = self.args
@@ -584,23 +624,26 @@ class Ingress:
         return chunks
 
     async def predict(self, model: ServedModel, image: np.ndarray, passes: int, threshold: float, seed: int,
-                      fan_out: Optional[int] = None, u: Optional[float] = None) -> dict[str, Any]:
-        """One chunk: embed and run the passes on the model host. Several: embed there, run the
-        chunks concurrently on MC replicas, concatenate in chunk order."""
+                      fan_out: Optional[int] = None, u: Optional[float] = None, explain: bool = False
+                      ) -> dict[str, Any]:
+        """One chunk: embed (and the evidence, once) and run the passes on the model host.
+        Several: embed there, run the chunks concurrently on MC replicas, concatenate in chunk
+        order. ``explain``: the overlay PNG too (and Grad-CAM evidence for pooled heads)."""
         plan = chunk_plan(passes, self.chunks(model, passes, fan_out), seed)
+        evidence = self.args.evidence
         if len(plan) == 1:
-            out = await self.host.predict(model.key, image, plan)
-            probs, ood, ids = out["probs"], out["ood"], [out["replica"]]
-        else:  # the guard runs where the features are computed
-            e = await self.host.embed(model.key, image)
+            out = await self.host.predict(model.key, image, plan, evidence, explain)
+            probs, ids = out["probs"], [out["replica"]]
+        else:  # the guard and the evidence run where the features are computed
+            out = await self.host.embed(model.key, image, evidence, explain)
             retries = self.args.chunk_retries
-            outs = await asyncio.gather(*[call_with_retries(self.mc.run, retries, model.key, e["x"], c)
+            outs = await asyncio.gather(*[call_with_retries(self.mc.run, retries, model.key, out["x"], c)
                                           for c in plan])
             probs = np.concatenate([o["probs"] for o in outs])  # [T, C], chunk order
-            ood, ids = e["ood"], sorted({o["replica"] for o in outs})
+            ids = sorted({o["replica"] for o in outs})
         return build_result(probs, threshold, list(model.class_names), model.info,
                             {"count": len(ids), "chunks": len(plan), "ids": ids},
-                            model.policy, ood, model.ood_threshold, u)
+                            model.policy, out["ood"], model.ood_threshold, u, out["evidence"])
 
     async def ready(self, model: Optional[ServedModel] = None) -> bool:
         """An MC replica up, and every listed model (or ``model``) loaded on the host (inline
