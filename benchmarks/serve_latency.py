@@ -147,6 +147,9 @@ def _serve_server(a: argparse.Namespace, image: bytes) -> None:
     def deploy(names: list[str]) -> None:
         routes = []
         for name in names:
+            if name.startswith("-"):  # "-hop": delete that app (its replicas' CPUs go to the next ones)
+                serve.delete(name[1:])
+                continue
             if name == "bare":
                 serve.run(_bare_app(), name="bare", route_prefix="/bare", logging_config=quiet)
                 routes.append("/bare")
@@ -160,7 +163,7 @@ def _serve_server(a: argparse.Namespace, image: bytes) -> None:
         print(READY, flush=True)
 
     deploy(a.apps.split(","))
-    for line in sys.stdin:  # "deploy a,b" from the benchmark, until it closes our stdin
+    for line in sys.stdin:  # "deploy a,-b" from the benchmark (deploy a, delete b), until it closes our stdin
         if line.startswith("deploy "):
             deploy(line.split()[1].split(","))
     serve.shutdown()
@@ -501,7 +504,7 @@ def main() -> None:
         stop("previous")
 
         # 4. evidence on every answer (map head) vs the same model without it
-        servers["haproxy"].deploy("ev,noev", a.start_timeout)
+        servers["haproxy"].deploy("-hop,ev,noev", a.start_timeout)  # 2 CPUs: the hop's replicas make room
         for name in ("ev", "noev"):
             warm("haproxy", f"/{name}/predict", passes=100)
         evidence = _rounds({name: (lambda name=name: _timed_post(clients["haproxy"], f"/{name}/predict", image,
@@ -509,7 +512,7 @@ def main() -> None:
                            a.rounds, {})
 
         # 5. fan-out of the passes over the MC-head replicas
-        servers["haproxy"].deploy("full", a.start_timeout)
+        servers["haproxy"].deploy("-ev,-noev,full", a.start_timeout)
         _timed_post(clients["haproxy"], "/full/predict", image, passes=2)
         fan: dict[str, dict[int, float]] = {}
         hc = clients["haproxy"]

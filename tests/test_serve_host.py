@@ -105,7 +105,7 @@ def test_serve_env_sets_the_mode_and_free_haproxy_ports_and_keeps_what_the_user_
     assert {k: os.environ[k] for k in serve_app.SERVE_ENV} == serve_app.SERVE_ENV
     assert os.environ[stats] == "18404" and stats not in set_
     chosen = int(os.environ[metrics])
-    assert chosen > 0 and set_[metrics] == str(chosen) and os.environ[serve_app.AUTO_PORTS_ENV] == metrics
+    assert chosen > 0 and set_[metrics] == str(chosen) and os.environ[serve_app.AUTO_PORTS_ENV] == f"{metrics}={chosen}"
     # a child process inherits this environment and starts its own Ray: the port serve_env chose
     # is chosen again (the parent's HAProxy may hold it), the user's stays
     for _ in range(5):
@@ -113,6 +113,9 @@ def test_serve_env_sets_the_mode_and_free_haproxy_ports_and_keeps_what_the_user_
         if int(os.environ[metrics]) != chosen:
             break
     assert int(os.environ[metrics]) != chosen and os.environ[stats] == "18404"
+    environ[metrics] = "19101"  # a port the user gives a child process whose parent chose one
+    serve_env()
+    assert os.environ[metrics] == "19101" and os.environ[stats] == "18404"
 
 
 def test_serve_env_leaves_haproxy_ports_alone_when_haproxy_is_off(environ):

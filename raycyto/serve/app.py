@@ -60,7 +60,8 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY":
 # HAProxy's stats page and Prometheus exporter bind fixed ports (8404, 9101) on every node: a
 # second Ray on one machine (another `raycyto serve`, a test) could not start its HAProxy.
 HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-# the HAProxy port variables that serve_env chose itself (chosen again for each Ray it starts)
+# the HAProxy ports that serve_env chose itself, "VAR=port,..." (a child process's serve_env
+# chooses them again for the Ray it starts, unless the variable was set to another port since)
 AUTO_PORTS_ENV = "RAYCYTO_HAPROXY_AUTO_PORTS"
 
 
@@ -76,11 +77,13 @@ def serve_env() -> dict[str, str]:
     out = {k: v for k, v in SERVE_ENV.items() if k not in os.environ}
     os.environ.update(out)
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        auto = set(filter(None, os.environ.get(AUTO_PORTS_ENV, "").split(",")))
-        keys = [k for k in HAPROXY_PORT_ENV if k in auto or not os.environ.get(k)]
-        out.update({k: str(port) for k, port in zip(keys, free_ports(len(keys), host=""))})
+        auto = dict(item.split("=", 1) for item in os.environ.get(AUTO_PORTS_ENV, "").split(",") if "=" in item)
+        keys = [k for k in HAPROXY_PORT_ENV if not os.environ.get(k) or auto.get(k) == os.environ[k]]
+        chosen = {k: str(port) for k, port in zip(keys, free_ports(len(keys), host=""))}
+        out.update(chosen)
         if keys:
-            out[AUTO_PORTS_ENV] = ",".join(sorted(auto | set(keys)))
+            auto = {**{k: v for k, v in auto.items() if os.environ.get(k) == v}, **chosen}
+            out[AUTO_PORTS_ENV] = ",".join(f"{k}={v}" for k, v in sorted(auto.items()))
         os.environ.update(out)
     return out
 

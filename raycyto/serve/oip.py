@@ -281,9 +281,9 @@ def _wanted(req: InferRequest, available: list[str]) -> list[tuple[str, bool]]:
     out = []
     for o in req.outputs:
         if o.name not in available:
-            why = "unknown" if o.name not in OUTPUTS else "not in this answer (its bundle has no conformal " \
-                "calibration, out-of-distribution guard or chromosome layout; evidence of pooled heads and " \
-                "overlay_png come with the parameter explain=true)"
+            why = "unknown" if o.name not in OUTPUTS else "not given by this model here (its bundle has no " \
+                "conformal calibration, out-of-distribution guard or chromosome layout; overlay_png and the " \
+                "evidence of pooled heads come with the parameter explain=true)"
             raise ClientError(400, "unknown_output", f"output {o.name!r} {why}; outputs: {available}")
         out.append((o.name, bool((o.parameters or {}).get("binary_data", everything))))
     return out
