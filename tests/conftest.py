@@ -18,6 +18,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # raycyto.serve.app.SERVE_ENV; ray_local gives its HAProxy free ports)
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+# ... and stops as quickly (raycyto.serve.cli.STOP_ENV): under HAProxy a replica drains for this
+# long (30 s by default) before it stops, so serve.shutdown() would pass its own 30 s, the
+# controller be killed in the background, and the next module's serve.start reach the dying one
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def pytest_collection_modifyitems(config, items):
