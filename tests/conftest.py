@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from raycyto.serve.ports import free_ports  # noqa: F401  (tests import it from here)
+
 # Tests never download anything; make hub-style loaders fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Serve runs as `raycyto serve` runs it (Ray's high-throughput mode, raycyto.serve.app.SERVE_ENV)
+# Serve runs as `raycyto serve` runs it (HAProxy ingress + Ray's high-throughput mode,
+# raycyto.serve.app.SERVE_ENV; ray_local gives its HAProxy free ports)
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+# ... and stops as quickly (raycyto.serve.cli.STOP_ENV): under HAProxy a replica drains for this
+# long (30 s by default) before it stops, so serve.shutdown() would pass its own 30 s, the
+# controller be killed in the background, and the next module's serve.start reach the dying one
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,19 +41,6 @@ def pytest_collection_modifyitems(config, items):
 def free_port() -> int:
     """A TCP port nothing listens on now (for endpoints and Ray job servers in tests)."""
     return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports (all held open while chosen: ``free_port()`` called n times
-    may hand out the same port twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def pids_naming(text: str) -> list[int]:
@@ -73,6 +67,35 @@ def stop_head(temp_dir: str) -> None:
         deadline = time.time() + 15
         while pids_naming(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
+
+
+def haproxy_backends(stats_port: int | str) -> set[str]:
+    """The backends (Serve apps, ``http-<app>``) of the HAProxy whose stats page is on
+    ``stats_port``: proof that a Serve runs behind HAProxy (raycyto.serve.app.SERVE_ENV)."""
+    import csv
+    import io
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10) as r:  # noqa: S310
+        rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
+        return {row["pxname"] for row in rows if row["svname"] == "BACKEND"}
+
+
+def shutdown_serve(timeout_s: float = 60.0) -> None:
+    """``serve.shutdown()``, then wait until its controller is gone: when the controller does not
+    stop in Serve's 30 s it is killed in the background, and a ``serve.start`` meanwhile (the next
+    module's) would connect to the dying one."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.5)
 
 
 def encode_image(image, ext: str) -> bytes:
@@ -119,6 +142,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from raycyto.serve.app import serve_env
+
+        serve_env()  # HAProxy's stats / exporter ports: free ones (each xdist worker has a Ray)
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
     yield ray

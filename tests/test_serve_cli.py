@@ -1,5 +1,5 @@
-"""`raycyto serve` as a user runs it, in its own process and Ray: quiet, and usable by
-tritonclient.http with the client's defaults."""
+"""`raycyto serve` as a user runs it, in its own process and Ray: quiet, behind HAProxy, and
+usable by tritonclient.http with the client's defaults."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_ports, haproxy_backends  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,16 @@ def test_raycyto_serve_is_quiet_and_answers_tritonclient_with_its_defaults(bundl
     import cv2
     import tritonclient.http as th
 
-    port = free_port()
+    from raycyto.serve.app import HAPROXY_PORT_ENV
+
+    port, stats = free_ports(2)
     out = tmp_path / "terminal.txt"
     with out.open("wb") as term:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "raycyto"), "serve", str(bundle), "--port", str(port),
              "--num-cpus", "2", "--mc-replicas", "1"],
             stdout=term, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-            env={**os.environ, "RAY_ADDRESS": "local"})
+            env={**os.environ, "RAY_ADDRESS": "local", HAPROXY_PORT_ENV[0]: str(stats)})  # a user's stats port
         try:
             deadline = time.monotonic() + 300  # waits on the "ready" line itself; generous for a loaded CI box
             while "ready:" not in out.read_text():
@@ -60,6 +62,7 @@ def test_raycyto_serve_is_quiet_and_answers_tritonclient_with_its_defaults(bundl
                 result = client.infer("demo", [inp])  # the client's defaults: binary in and out
                 assert result.as_numpy("label")[0] in (b"normal", b"abnormal")
             assert result.get_response()["parameters"]["passes"] == [10]
+            assert "http-raycyto" in haproxy_backends(stats)  # it serves behind HAProxy (SERVE_ENV)
             time.sleep(2)  # give stray per-request lines time to show up
             after = out.read_text().splitlines()
         finally:

@@ -12,7 +12,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import encode_image, free_port  # noqa: E402
+from conftest import encode_image, free_ports, haproxy_backends  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -28,7 +28,8 @@ def model_dir(serve_bundle) -> Path:
 
 @contextmanager
 def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
-    """``serve run`` a Serve YAML document in its own Ray; yields the base URL once ready."""
+    """``serve run`` a Serve YAML document in its own Ray, with the environment the YAMLs'
+    comments give (HAProxy ingress); yields the base URL once ready."""
     import os
     import signal
     import subprocess
@@ -36,11 +37,16 @@ def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
 
     import yaml
 
-    port = free_port()
+    from raycyto.serve.app import HAPROXY_PORT_ENV, SERVE_ENV
+
+    port, *haproxy = free_ports(1 + len(HAPROXY_PORT_ENV))
     doc["http_options"].update(host="127.0.0.1", port=port)
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(doc))
-    env = {**os.environ, "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local"}
+    # the variables the YAMLs' comments say to export, and HAProxy ports of its own (the
+    # session's Ray may hold the default ones)
+    env = {**os.environ, **SERVE_ENV, **dict(zip(HAPROXY_PORT_ENV, map(str, haproxy))),
+           "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local"}
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=tmp_path,
@@ -57,6 +63,7 @@ def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
                 except httpx.TransportError:
                     pass
                 time.sleep(1)
+            assert "http-raycyto" in haproxy_backends(haproxy[0])  # behind HAProxy
             yield url
         finally:
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve run shuts its app and its Ray down

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import struct
 import time
@@ -15,7 +16,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import encode_image, free_port  # noqa: E402
+from conftest import encode_image, free_port, haproxy_backends  # noqa: E402
 from raycyto.data.fixtures import bomb_png  # noqa: E402  (after the httpx skip)
 
 APP_NAME = "raycyto-test"
@@ -106,6 +107,15 @@ def test_inline_app_has_no_backbone_hop_and_the_ingress_runs_the_passes(endpoint
     assert one.status_code == fanned.status_code == 200, (one.text, fanned.text)
     (replica,) = one.json()["replicas"]["ids"]  # the replica the HTTP proxy delivered it to
     assert replica not in fanned.json()["replicas"]["ids"]  # ... not an MC-head replica
+
+
+def test_the_endpoint_runs_behind_haproxy_as_raycyto_serve_runs_it(endpoint):
+    import os
+
+    from raycyto.serve.app import HAPROXY_PORT_ENV
+
+    assert os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"  # conftest: the session Ray's mode
+    assert f"http-{APP_NAME}" in haproxy_backends(os.environ[HAPROXY_PORT_ENV[0]])
 
 
 def test_endpoint_gives_the_same_confidence_as_offline_predict_for_the_same_seed(endpoint, tmp_path):
@@ -242,12 +252,22 @@ def test_declared_oversize_body_gets_413_without_sending_it(endpoint):
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
                    f"Content-Type: image/png\r\nContent-Length: {10**12}\r\n\r\n").encode())
-        reply = b""
-        while chunk := s.recv(65536):  # answered (and closed) although no body byte was sent
-            reply += chunk
-        reply = reply.decode(errors="replace")
+        reply = _one_response(s).decode(errors="replace")  # answered although no body byte was sent
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
     assert "payload_too_large" in reply
+
+
+def _one_response(s: socket.socket) -> bytes:
+    """One HTTP/1.1 response read off ``s``: its head, then ``Content-Length`` bytes of body (HAProxy
+    keeps the client's connection open after an early answer, so the end is not the socket's)."""
+    reply = b""
+    while b"\r\n\r\n" not in reply and (chunk := s.recv(65536)):
+        reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length and (chunk := s.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_wrong_content_type_is_415_and_unknown_format_is_415(endpoint):

@@ -119,8 +119,12 @@ def test_rayjob_runs_the_blood_smear_study_sweep():
         "resources"]["limits"]["nvidia.com/gpu"] >= 1
 
 
-def test_every_rayservice_container_runs_serve_in_its_high_throughput_mode():
+def test_every_rayservice_container_runs_serve_as_raycyto_serve_does():
+    """HAProxy ingress + high-throughput mode (raycyto.serve.app.SERVE_ENV) on every pod: Ray
+    reads them where it starts, and every node runs an HAProxy."""
     from raycyto.serve.app import SERVE_ENV
+
+    assert SERVE_ENV.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 
     spec = _manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]

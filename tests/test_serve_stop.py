@@ -136,7 +136,7 @@ def test_drain_refuses_new_requests_and_counts_the_ones_in_flight():
             self.release = asyncio.Event()
             self.started = asyncio.Event()
 
-        async def predict(self, model, image, passes, threshold, seed, fan_out=None, u=None) -> dict:
+        async def predict(self, model, image, passes, threshold, seed, fan_out=None, u=None, explain=False) -> dict:
             self.started.set()
             await self.release.wait()
             return {"label": "x", "confidence": 1.0, "refer": False, "passes": passes}

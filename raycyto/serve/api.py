@@ -81,6 +81,11 @@ class ServedModel:
         seed: default seed of the MC passes (the bundle's, ``model.json["mc"]["seed"]``).
         policy: its :class:`raycyto.serve.predict.ReferralPolicy` (None: the vote rule only).
         ood_threshold: its out-of-distribution guard's threshold (None: no guard).
+        evidence: how every answer explains itself (``LoadedModel.evidence_method``: "additive"
+            for map heads, from the embedding; "gradcam" for pooled heads, only with
+            ``explain``); None: evidence only with ``explain``.
+        layout: the bundle names chromosome slots (karyogram layout): the evidence includes
+            the top 3 chromosomes.
     """
 
     key: str
@@ -95,6 +100,8 @@ class ServedModel:
     seed: int = 0
     policy: Any = field(default=None, compare=False)
     ood_threshold: float | None = None
+    evidence: str | None = None
+    layout: bool = False
 
     @property
     def info(self) -> dict[str, str]:
@@ -110,7 +117,15 @@ class ServedModel:
             out |= {"risk_threshold", "guarantee"}
         if self.ood_threshold is not None:
             out |= {"out_of_distribution", "ood_score", "ood_threshold"}
+        if self.layout:  # top 3 chromosomes: every answer of a map head, else with explain=true
+            out.add("evidence")
+        out.add("overlay_png")  # explain=true
         return frozenset(out)
+
+    @property
+    def always_explained(self) -> bool:
+        """Every answer carries the evidence (a map head, from the embedding), not only with explain."""
+        return self.evidence == "additive"
 
     def referral(self) -> dict[str, Any]:
         """How it refers, for the model index and OIP metadata."""
@@ -170,6 +185,8 @@ class ModelIndex:
         return {**m.info, "default": m is default, "class_names": list(m.class_names),
                 "input_size": m.input_size, "passes": m.passes, "threshold": m.threshold, "seed": m.seed,
                 "scope": m.scope, **m.referral(),
+                "evidence": "every answer" if m.always_explained else "explain=true",
+                "chromosome_evidence": m.layout,
                 "predict": f"/predict?model={m.name}&version={m.version}",
                 "infer": f"/v2/models/{m.name}/versions/{m.version}/infer"}
 
@@ -180,9 +197,11 @@ class Backend(Protocol):
     index: ModelIndex
 
     async def predict(self, model: ServedModel, image: np.ndarray, passes: int, threshold: float,
-                      seed: int, fan_out: int | None = None, u: float | None = None) -> dict[str, Any]:
+                      seed: int, fan_out: int | None = None, u: float | None = None,
+                      explain: bool = False) -> dict[str, Any]:
         """Predict one uint8 ``[H, W, 3]`` image (``fan_out`` None = backend default; ``u`` the image's
-        APS uniform, ``image_uniform`` of its bytes); returns the /predict JSON."""
+        APS uniform, ``image_uniform`` of its bytes; ``explain``: the overlay PNG too); returns
+        the /predict JSON."""
 
     async def ready(self, model: ServedModel | None = None) -> bool:
         """True when every deployment behind the API (or behind ``model``) can answer."""
@@ -235,6 +254,8 @@ class PredictParams(BaseModel):
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="refer below this confidence")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the MC passes")
     fan_out: int | None = Field(None, ge=1, le=MAX_FAN_OUT, description="chunks the passes are split into")
+    explain: bool | None = Field(None, description="also overlay_png (the image with the evidence map painted "
+                                                   "over it) and Grad-CAM evidence for pooled heads")
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -361,7 +382,7 @@ async def _run_one(request: Request, model: ServedModel, data: bytes, p: Predict
     seed = p.seed if p.seed is not None else model.seed if s.seed is None else s.seed
     result = await ctx.backend.predict(
         model, image, p.passes or model.passes, model.threshold if p.threshold is None else p.threshold,
-        seed, p.fan_out, image_uniform(data))
+        seed, p.fan_out, image_uniform(data), bool(p.explain))
     if s.metrics is not None:
         s.metrics.prediction(model, result)
     if s.audit is not None:
@@ -383,7 +404,8 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {
         "passes": {"type": "integer", "minimum": 1},
         "threshold": {"type": "number", "minimum": 0, "maximum": 1},
         "seed": {"type": "integer", "minimum": 0},
-        "fan_out": {"type": "integer", "minimum": 1, "maximum": MAX_FAN_OUT}}}},
+        "fan_out": {"type": "integer", "minimum": 1, "maximum": MAX_FAN_OUT},
+        "explain": {"type": "boolean"}}}},
     **{ct: {"schema": {"type": "string", "format": "binary"}}
        for ct in ("image/png", "image/jpeg", "image/tiff", "image/bmp")}}}}
 
@@ -396,16 +418,22 @@ async def predict(request: Request,
                   threshold: float | None = Query(None, ge=0.0, le=1.0),
                   seed: int | None = Query(None, ge=0, le=MAX_SEED),
                   fan_out: int | None = Query(None, ge=1, le=MAX_FAN_OUT),
+                  explain: bool | None = Query(None, description="also overlay_png, the evidence map over "
+                                                                 "the image (Grad-CAM for pooled heads)"),
                   model: str | None = Query(None, description="model name (default: the first served)"),
                   version: str | None = Query(None, description="model version (default: the name's last listed)"),
                   ) -> dict[str, Any]:
     """One image as multipart field ``file`` or as the raw body (image/png, jpeg, tiff, bmp).
 
-    Example: ``curl -F file=@cell.png 'localhost:8000/predict?passes=100'``
+    Answers carry ``evidence`` (top 3 chromosomes, karyogram bundles) and ``evidence_map``
+    when the model's head gives them from the embedding (map heads); ``explain=true`` adds
+    ``overlay_png`` (base64 PNG) and Grad-CAM evidence for pooled heads.
+
+    Example: ``curl -F file=@cell.png 'localhost:8000/predict?passes=100&explain=true'``
     """
     ctx = _ctx(request)
     served = ctx.backend.index.resolve(model, version)
-    query = {"passes": passes, "threshold": threshold, "seed": seed, "fan_out": fan_out}
+    query = {"passes": passes, "threshold": threshold, "seed": seed, "fan_out": fan_out, "explain": explain}
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=8)

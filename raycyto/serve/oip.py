@@ -97,6 +97,8 @@ OUTPUTS: dict[str, Output] = {
     "ood_score": Output("FP64", _one("ood_score"), optional=True),
     # the top 3 chromosomes as JSON text (karyogram bundles with a layout; ServedModel.provides says when)
     "evidence": Output("BYTES", _json("evidence"), optional=True),
+    # base64 PNG of the image with the evidence map over it (request parameter explain=true)
+    "overlay_png": Output("BYTES", _one("overlay_png"), optional=True),
 }
 
 
@@ -279,8 +281,9 @@ def _wanted(req: InferRequest, available: list[str]) -> list[tuple[str, bool]]:
     out = []
     for o in req.outputs:
         if o.name not in available:
-            why = "unknown" if o.name not in OUTPUTS else "not given by this model (its bundle has no " \
-                "conformal calibration or out-of-distribution guard)"
+            why = "unknown" if o.name not in OUTPUTS else "not given by this model here (its bundle has no " \
+                "conformal calibration, out-of-distribution guard or chromosome layout; overlay_png and the " \
+                "evidence of pooled heads come with the parameter explain=true)"
             raise ClientError(400, "unknown_output", f"output {o.name!r} {why}; outputs: {available}")
         out.append((o.name, bool((o.parameters or {}).get("binary_data", everything))))
     return out
