@@ -567,7 +567,7 @@ def main() -> None:
         rows.append((f"   raycyto concurrency {c_:>2}", f"{rps:8.1f}"))
     mean = {k: float(np.mean(v)) for k, v in tp.items()}
     rows.append((f"   raycyto concurrency 32 ({a.throughput_repeats} runs)", " / ".join(f"{v:.1f}" for v in tp["serve"])))
-    rows.append((f"   FastAPI peer concurrency 32", " / ".join(f"{v:.1f}" for v in tp["peer"])))
+    rows.append(("   FastAPI peer concurrency 32", " / ".join(f"{v:.1f}" for v in tp["peer"])))
     rows.append((f"   offline batched, batch {a.max_batch_size} (img/s)", " / ".join(f"{v:.1f}" for v in tp["offline"])))
     rows.append(("   FastAPI peer concurrency 32 / offline batched", f"{mean['peer'] / mean['offline']:8.2f}x"))
     rows.append(("-- fan-out of the passes over MC-head replicas, p50 (ms)", ""))
