@@ -23,6 +23,7 @@ ROUTES = ("/inline", "/hop")  # the Ingress's own Engine; the Backbone deploymen
 @pytest.fixture(scope="module")
 def karyo_bundle(tmp_path_factory) -> Path:
     """Lite0 + map head s (4 x 4 cells at 64 px) of a synthetic-karyogram bundle: the built-in layout."""
+    from raycyto.evidence.layout import karyogram_layout, write_to_bundle
     from raycyto.models.bundle import save_bundle
     from raycyto.models.classifier import build_classifier
 
@@ -31,7 +32,8 @@ def karyo_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("karyo_model")
     save_bundle(out, model, {"class_names": ["normal", "abnormal"], "positive_class": "abnormal",
                              "name": "karyo", "input_size": 64, "mc": {"passes": 12, "threshold": 0.8},
-                             "config": {"data": {"synthetic": {"task": "karyogram"}}}})
+                             "config": {"data": {"source": "synthetic", "synthetic": {"task": "karyogram"}}}})
+    write_to_bundle(out, karyogram_layout())  # as raycyto export stores it
     return out
 
 
