@@ -183,11 +183,15 @@ class ModelStore:
         if key not in self.allowed:
             raise ValueError(f"model {key!r} is not configured on this deployment")
 
-    async def load(self, key: str) -> LoadedModel:
-        """The bundle at ``key``, loaded once (in a thread) and kept."""
+    async def open(self, key: str) -> LoadedModel:
+        """The bundle at ``key``, loaded now (in a thread) and not kept (:meth:`load` keeps it)."""
         self.check(key)
+        return await asyncio.to_thread(LoadedModel, key, worker_device())
+
+    async def load(self, key: str) -> LoadedModel:
+        """The bundle at ``key``, loaded once (:meth:`open`) and kept."""
         if key not in self.loading:
-            self.loading[key] = asyncio.ensure_future(asyncio.to_thread(LoadedModel, key, worker_device()))
+            self.loading[key] = asyncio.ensure_future(self.open(key))
         try:
             return await asyncio.shield(self.loading[key])
         except Exception:
@@ -455,14 +459,15 @@ class RemoteHost:
     def __init__(self, backbone: DeploymentHandle, retries: int, timeout_s: Optional[float] = None) -> None:
         self.backbone, self.retries, self.timeout_s = backbone, retries, timeout_s
 
-    def _call(self, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, key: str, method: str, *args: Any, limited: bool = True) -> Any:
+        """``method(*args)`` on a Backbone replica holding ``key``, under ``timeout_s`` if ``limited``."""
         handle = self.backbone.options(multiplexed_model_id=key)
-        return call_with_retries(getattr(handle, method), self.retries, *args, timeout_s=self.timeout_s, **kwargs)
+        return call_with_retries(getattr(handle, method), self.retries, *args,
+                                 timeout_s=self.timeout_s if limited else None)
 
     async def describe(self, key: str) -> dict[str, Any]:
         """No time limit: the Ingress's constructor waits for the Backbone to load the bundle."""
-        handle = self.backbone.options(multiplexed_model_id=key)
-        return await call_with_retries(handle.describe, self.retries)
+        return await self._call(key, "describe", limited=False)
 
     async def ready(self, key: str) -> bool:
         return await self._call(key, "ready")
@@ -487,8 +492,7 @@ class Backbone(_ModelReplica):
         self._setup_models(model_dirs)
 
         async def load_one(key: str) -> LoadedModel:  # a function: Serve keeps its LRU cache on it
-            self.store.check(key)
-            return await asyncio.to_thread(LoadedModel, key, worker_device())
+            return await self.store.open(key)
 
         get_model = serve.multiplexed(max_num_models_per_replica=max_models or len(model_dirs))(load_one)
         from raycyto.serve.metrics import BatchMetrics
