@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 # long (30 s by default) before it stops, so serve.shutdown() would pass its own 30 s, the
 # controller be killed in the background, and the next module's serve.start reach the dying one
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+# A proxy not ready within 5 s (Serve's default) is killed and serve.start fails with
+# ActorDiedError; on a 2-core machine running two test files at once its start-up can take longer
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 
 def pytest_collection_modifyitems(config, items):
