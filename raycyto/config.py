@@ -101,10 +101,16 @@ class DataConfig:
     copies: int = 1
     equalize: bool = False
     class_weights: bool = False
+    #: ordered karyograms: a layout file (JSON or CSV of chromosome boxes,
+    #: raycyto.evidence.layout) that names chromosomes in the report's evidence and in the
+    #: exported model's answers; None: the built-in one for raycyto.synth karyograms, else maps only
+    layout: Optional[str] = None
 
     def _check(self, prefix: str) -> None:
         if not self.source:
             raise ConfigError(f"{prefix}.source", "expected a path, URI or 'synthetic'")
+        if self.layout is not None and not self.layout.strip():
+            raise ConfigError(f"{prefix}.layout", "expected a layout file (JSON or CSV) or null, got ''")
         _positive(self, prefix, "image_size", "copies")
         if self.input_size is not None and self.input_size < 16:
             raise ConfigError(f"{prefix}.input_size", f"expected >= 16 or null, got {self.input_size}")

@@ -16,8 +16,9 @@ import yaml
 from typer.testing import CliRunner
 
 from raycyto.cli import app
+from raycyto.config import load_config
 from raycyto.errors import ConfigError, WeightsError
-from raycyto.evidence.layout import (LAYOUT_FILE, builtin_layout, bundle_layout, export_layout, karyogram_layout,
+from raycyto.evidence.layout import (LAYOUT_FILE, builtin_layout, bundle_layout, config_layout, karyogram_layout,
                                      synthetic_task, write_to_bundle)
 
 SIZE = 416
@@ -42,13 +43,32 @@ def test_builtin_layout_only_for_raycyto_synth_karyograms(karyo_dir, leuk_dir, t
                 {"data": {"source": str(tmp_path), "synthetic": {"task": "karyogram"}}},  # a lab's folder
                 {"data": {"source": "s3://bucket/karyo"}}, {}):
         assert builtin_layout(cfg) is None
-    user = export_layout({"data": {"source": str(leuk_dir)}}, _layout_csv(tmp_path / "mine.csv"))
+    user = config_layout({"data": {"source": str(leuk_dir)}}, _layout_csv(tmp_path / "mine.csv"))
     assert user.names == karyogram_layout().names and user.source.endswith("mine.csv")
     for name, box in karyogram_layout().boxes.items():
         assert user.boxes[name] == pytest.approx(box)
     (tmp_path / "bad.json").write_text('{"boxes": {"21": [0.5, 0.5, 0.4, 0.6]}}')
-    with pytest.raises(ConfigError, match="x0 < x1"):
-        export_layout({}, tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="x0 < x1") as e:
+        config_layout({}, tmp_path / "bad.json")
+    assert e.value.field == "--layout"
+
+
+def test_data_layout_names_chromosomes_unless_a_layout_file_is_given(karyo_dir, tmp_path):
+    """data.layout (set once in the sweep config) beats the built-in layout; a file given to
+    report/export beats data.layout; a bad one is refused naming the field that gave it."""
+    lab = _layout_csv(tmp_path / "lab.csv")
+    (tmp_path / "one.json").write_text('{"boxes": {"21": [0.1, 0.1, 0.2, 0.2]}}')
+    cfg = {"data": {"source": str(karyo_dir), "layout": str(lab)}}
+    assert config_layout(cfg).source == str(lab)  # not builtin:karyogram
+    assert config_layout(cfg, tmp_path / "one.json").names == ["21"]
+    cfg["data"]["layout"] = str(tmp_path / "missing.csv")
+    with pytest.raises(ConfigError, match="cannot read layout file") as e:
+        config_layout(cfg)
+    assert e.value.field == "data.layout"
+    assert load_config({"data": {"layout": str(lab)}}).data.layout == str(lab)
+    with pytest.raises(ConfigError) as e:
+        load_config({"data": {"layout": " "}})
+    assert e.value.field == "data.layout"
 
 
 def test_bundle_layout_is_read_back_checksummed_and_served(serve_bundle, tmp_path):
@@ -111,6 +131,13 @@ def test_export_stores_the_builtin_layout_or_the_given_one(tmp_path, karyo_dir, 
                               str(tmp_path / "broken.csv")])
     assert res.exit_code == 2 and "--layout" in res.output and "not a chromosome" in res.output
     assert not (tmp_path / "m4").exists()
+    res = runner.invoke(app, ["report", str(exp), "--out", str(tmp_path / "r"), "--layout", str(tmp_path / "broken.csv")])
+    assert res.exit_code == 2 and "--layout" in res.output and "not a chromosome" in res.output, res.output
+    assert not (tmp_path / "r").exists()  # refused before any work
+    cfg = yaml.safe_load((exp / "config.yaml").read_text())
+    cfg["data"]["layout"] = str(tmp_path / "lab.csv")  # set once in the sweep config
+    (exp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert stored(export_model(exp, tmp_path / "m5"))["source"].endswith("lab.csv")
 
 
 def _trisomy21_set(out: Path, patients: int, seed: int = 0) -> Path:
@@ -145,23 +172,24 @@ def test_predict_names_chromosome_21_first_and_the_report_shows_the_gallery_afte
 
     from raycyto.analysis import write_report
     from raycyto.analysis.load import read_csv
-    from raycyto.config import load_config
     from raycyto.synth import karyogram
     from raycyto.synth.base import encode_png, image_rng, patient_rng, resize_to
     from raycyto.tune.sweep import run_sweep
 
     data = _trisomy21_set(tmp_path / "data", PATIENTS)
-    cfg = load_config(tiny_sweep_config(data, "t21", size=SIZE, grid={"backbones": ["efficientnet_lite0"], "heads": ["s"]},
-                                        train={"epochs": EPOCHS}, search={"algorithm": "random", "samples": 1,
-                                                                          "batch_size": [8], "lr": LR}))
+    raw = tiny_sweep_config(data, "t21", size=SIZE, grid={"backbones": ["efficientnet_lite0"], "heads": ["s"]},
+                            train={"epochs": EPOCHS}, search={"algorithm": "random", "samples": 1,
+                                                              "batch_size": [8], "lr": LR})
+    raw["data"]["layout"] = str(_layout_csv(tmp_path / "lab_layout.csv"))  # the lab's layout, set once
+    cfg = load_config(raw)
     exp = run_sweep(cfg, out=tmp_path / "exp", progress=False)
     results = read_csv(exp / "results.csv")
     trial = str(results.loc[results["head"] == "s", "trial_id"].iloc[0])
 
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(exp), "--trial", trial, "--out", str(tmp_path / "model"),
-                              "--layout", str(_layout_csv(tmp_path / "lab_layout.csv"))])
+    res = runner.invoke(app, ["export", str(exp), "--trial", trial, "--out", str(tmp_path / "model")])
     assert res.exit_code == 0, res.output
+    assert "lab_layout.csv (answers name chromosomes)" in res.output  # data.layout, no --layout needed
     images = []
     for s in range(NEW):  # new patients: 47,+21 karyograms the sweep never saw
         k = karyogram.make_karyotype("trisomy21", patient_rng(99, s))
@@ -180,6 +208,7 @@ def test_predict_names_chromosome_21_first_and_the_report_shows_the_gallery_afte
         assert a["evidence_map"]["method"] == "additive"
 
     page = write_report(exp).read_text()
+    assert "chromosomes: 21 " in page  # the gallery names chromosomes with data.layout
     assert re.search(r'<section class="headline">.*?</section>\s*<section class="gallery"><h2>Case gallery</h2>',
                      page, re.S), "the case gallery must follow the headline"
     assert page.index('<section class="gallery">') < page.index("How to read this page")

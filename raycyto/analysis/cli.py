@@ -26,6 +26,10 @@ def report(
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Explain the selected "
                                   "configuration's test images with its per-fold checkpoints: evidence.csv "
                                   "(pointing accuracy, deletion test) and the case gallery."),
+    layout: Optional[Path] = typer.Option(None, "--layout", help="Karyogram layout file (JSON or CSV of "
+                                          "chromosome boxes) naming chromosomes in the evidence (default: "
+                                          "the config's data.layout, else the built-in one for raycyto.synth "
+                                          "karyograms, else maps only)."),
 ) -> None:
     """Write summary/per_class/folds/hpo/mispredictions CSVs, PNG figures and report.html.
 
@@ -39,7 +43,7 @@ def report(
     console = Console(stderr=True)
     try:
         path = write_report(exp_dir, out, select=select, target_recall=target_recall,
-                            progress=not quiet, evidence=evidence)
+                            progress=not quiet, evidence=evidence, layout=layout)
     except RaycytoError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -126,11 +126,12 @@ GALLERY_CSS = (".cards{display:flex;flex-wrap:wrap;gap:10px}"
 
 
 def evidence_section(exp: Any, trial_id: str, out: Path, level: float, score: str,
-                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+                     seed: int = 0, layout_file: Optional[str | Path] = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """evidence.csv table, per-image table and gallery HTML for the selected configuration."""
     test = exp.predictions[(exp.predictions["trial_id"] == trial_id) & (exp.predictions["split"] == "test")]
     picks = gallery_rows(test)
     extra = pd.concat(list(picks.values()))
     extra = extra[~extra.index.duplicated()]
-    summary, per, cases = evidence_tables(exp, trial_id, seed=seed, extra=extra)
+    summary, per, cases = evidence_tables(exp, trial_id, seed=seed, extra=extra, layout_file=layout_file)
     return summary, per, write_gallery(exp, cases, picks, out, level, score)

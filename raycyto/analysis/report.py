@@ -30,11 +30,13 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from raycyto.analysis import plots
 from raycyto.analysis.html import (Headline, Section, chance_warnings, config_html,
                                    data_summary_html, render_page)
 from raycyto.analysis.load import Experiment, load_experiment
+from raycyto.evidence.layout import config_layout
 from raycyto.analysis.metrics import confusion, recall_of
 from raycyto.analysis.tables import (folds_table, hpo_table, mispredictions_table, per_class_table,
                                      resolve_rule, select_best, selection_table, summary_table)
@@ -412,7 +414,8 @@ EVIDENCE_NOTE = (
     "deletion_ratio = drop_top / drop_random. Per image: evidence_cases.csv.")
 
 
-def _evidence(exp: Experiment, r: "_Report", out: Path, tables: dict) -> tuple[str, str]:
+def _evidence(exp: Experiment, r: "_Report", out: Path, tables: dict,
+              layout_file: str | Path | None = None) -> tuple[str, str]:
     """evidence.csv, evidence_cases.csv and the gallery HTML, or ("", why not)."""
     from raycyto.analysis.evidence import evidence_section
     from raycyto.evidence.evaluation import RANDOM_REGIONS
@@ -424,7 +427,8 @@ def _evidence(exp: Experiment, r: "_Report", out: Path, tables: dict) -> tuple[s
     if test.empty or missing or not Path(str(test["path"].iloc[0])).is_file():
         why = f"checkpoints of folds {missing} missing" if missing else "test images not found"
         return "", f"no evidence section: {why} ({ckpt})"
-    summary, per, gallery = evidence_section(exp, trial, out, r.mc.coverage, r.mc.conformal_score, seed=0)
+    summary, per, gallery = evidence_section(exp, trial, out, r.mc.coverage, r.mc.conformal_score, seed=0,
+                                             layout_file=layout_file)
     for name, df in (("evidence", summary), ("evidence_cases", per)):
         if len(df):
             tables[name] = df
@@ -434,7 +438,8 @@ def _evidence(exp: Experiment, r: "_Report", out: Path, tables: dict) -> tuple[s
 
 
 def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select: str | None = None,
-                 target_recall: float | None = None, progress: bool = False, evidence: bool = True) -> Path:
+                 target_recall: float | None = None, progress: bool = False, evidence: bool = True,
+                 layout: str | Path | None = None) -> Path:
     """Write the CSV tables, PNG figures and report.html.
 
     Args:
@@ -451,6 +456,9 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
         evidence: explain the selected configuration's test images with its per-fold
             checkpoints (evidence.csv, evidence_cases.csv, the case gallery after the headline);
             skipped, with a note, when the checkpoints or images are not there.
+        layout: a karyogram layout file (JSON or CSV) that names chromosomes in the evidence
+            (default: the config's ``data.layout``, else the built-in one for raycyto.synth
+            karyograms, else maps only; :func:`raycyto.evidence.layout.config_layout`).
 
     Returns:
         Path of report.html.
@@ -463,6 +471,8 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
         from raycyto.analysis.load import ExperimentError
 
         raise ExperimentError(f"--target-recall {target_recall}: must be in (0, 1), e.g. 0.95")
+    if evidence and exp.binary:  # a bad layout file (--layout, data.layout) fails before any work
+        config_layout(yaml.safe_load(exp.config_text) or {}, layout)
     out = Path(out_dir) if out_dir is not None else default_report_dir(exp_dir)
     out.mkdir(parents=True, exist_ok=True)
     r = _Report(exp, select, target_recall)
@@ -486,7 +496,7 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None, select:
 
     gallery, evidence_note = "", ""
     if evidence:
-        gallery, evidence_note = _evidence(exp, r, out, tables)
+        gallery, evidence_note = _evidence(exp, r, out, tables, layout)
     for stale in ("evidence", "evidence_cases"):
         if stale not in tables:
             (out / f"{stale}.csv").unlink(missing_ok=True)

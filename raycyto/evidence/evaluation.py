@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raycyto.evidence.layout import Layout, attribute, builtin_layout, top
+from raycyto.evidence.layout import Layout, attribute, config_layout, top
 from raycyto.evidence.maps import EvidenceMap, explain
 
 #: side of the square masked around a blood-smear map's peak (normalised; about one white cell)
@@ -231,7 +231,8 @@ def _pointing_rows(cases: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def evidence_tables(exp: Any, trial_id: str, seed: int = 0, extra: Optional[pd.DataFrame] = None
+def evidence_tables(exp: Any, trial_id: str, seed: int = 0, extra: Optional[pd.DataFrame] = None,
+                    layout_file: Optional[str | Path] = None
                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[Explained]]:
     """Evidence of the configuration ``trial_id`` on its test folds.
 
@@ -240,13 +241,15 @@ def evidence_tables(exp: Any, trial_id: str, seed: int = 0, extra: Optional[pd.D
         trial_id: the selected trial (its checkpoints/<trial>/fold<k> are the per-fold models).
         seed: seeds the random regions of the deletion test.
         extra: further test rows to explain (the gallery's), deletion test not run on them.
+        layout_file: a karyogram layout file naming chromosomes (``raycyto report --layout``);
+            default: the config's ``data.layout``, else the built-in one for raycyto.synth karyograms.
     Returns:
         (summary table for evidence.csv, one row per abnormal test image, the explained cases).
     """
     import yaml
 
     cfg = yaml.safe_load(exp.config_text) or {}
-    layout = builtin_layout(cfg) if exp.binary else None
+    layout = config_layout(cfg, layout_file) if exp.binary else None
     data_dir = Path(((cfg.get("data") or {}).get("source")) or "")
     cells_of = smear_truth(data_dir) if str(data_dir) else None
     test = exp.predictions[(exp.predictions["trial_id"] == trial_id) & (exp.predictions["split"] == "test")]

@@ -5,11 +5,12 @@ left): one per chromosome slot, named as in a karyotype (``1`` ... ``22``, ``X``
 ordered karyogram puts each chromosome pair in its slot, so the evidence a map puts inside a
 box is evidence about that chromosome.
 
-The layout travels with the model: ``raycyto export`` writes it into the bundle as
-``layout.json`` (listed, with its SHA-256, in model.json ``files``; :func:`write_to_bundle`),
-:func:`export_layout` choosing it:
+The report names chromosomes with it, and it travels with the model: ``raycyto export`` writes
+it into the bundle as ``layout.json`` (listed, with its SHA-256, in model.json ``files``;
+:func:`write_to_bundle`). :func:`config_layout` chooses it, for both:
 
-- a lab's own layout file (``raycyto export --layout FILE``), else
+- a lab's own layout file (``raycyto report/export --layout FILE``), else
+- the sweep config's ``data.layout`` file (set once for sweep, report and export), else
 - the built-in layout of the synthetic karyograms (:func:`raycyto.synth.karyogram.layout`) when
   the sweep trained on them (:func:`builtin_layout`: ``data.source: synthetic`` with
   ``synthetic.task: karyogram``, or a data folder whose ``synth.json`` says ``karyogram``), else
@@ -162,10 +163,22 @@ def builtin_layout(config: Mapping[str, Any]) -> Optional[Layout]:
     return karyogram_layout() if synthetic_task(config) == "karyogram" else None
 
 
-def export_layout(config: Mapping[str, Any], path: str | Path | None = None) -> Optional[Layout]:
-    """The layout ``raycyto export`` stores: the file ``path`` (``--layout``) when given, else
-    :func:`builtin_layout` of the sweep config, else None."""
-    return load_layout(path) if path is not None else builtin_layout(config)
+def config_layout(config: Mapping[str, Any], path: str | Path | None = None) -> Optional[Layout]:
+    """The layout of an experiment: the file ``path`` (``raycyto export/report --layout``) when
+    given, else the sweep config's ``data.layout`` file, else :func:`builtin_layout`, else None.
+
+    Raises:
+        ConfigError: the file is unreadable or not a layout (field ``--layout`` or ``data.layout``).
+    """
+    field = "--layout"
+    if path is None:
+        field, path = "data.layout", ((config or {}).get("data") or {}).get("layout")
+    if path is None:
+        return builtin_layout(config)
+    try:
+        return load_layout(path)
+    except ConfigError as e:
+        raise ConfigError(field, e.message) from None
 
 
 def bundle_layout(model_dir: str | Path, meta: Mapping[str, Any]) -> Optional[Layout]:

@@ -31,8 +31,8 @@ def export(
                                           "answers name chromosomes: a JSON or CSV file of chromosome slots "
                                           "(name,x0,y0,x1,y1 in normalised image coordinates; README: Where the "
                                           "evidence is); "
-                                          "default: the built-in one for raycyto.synth karyograms, else none "
-                                          "(evidence map only)"),
+                                          "default: the config's data.layout, else the built-in one for "
+                                          "raycyto.synth karyograms, else none (evidence map only)"),
 ) -> None:
     """Export the configuration the report calls best (chosen on validation folds) as a servable bundle,
     with its referral calibration (prediction sets, risk-controlled threshold) on the trial's

@@ -21,8 +21,8 @@ test images (class counts, referral and out-of-distribution counts, sorted confi
 guard distances).
 
 ``layout.json`` (checksummed in model.json ``files``) is the karyogram layout that turns the
-evidence map into chromosome names (:func:`raycyto.evidence.layout.export_layout`): the file
-given as ``--layout``, else the built-in one when the sweep trained on raycyto.synth
+evidence map into chromosome names (:func:`raycyto.evidence.layout.config_layout`): the file
+given as ``--layout``, else the sweep config's ``data.layout``, else the built-in one when the sweep trained on raycyto.synth
 karyograms, else none (Serve then gives the map only).
 
 ``model.json["metrics"]`` carries the exported fold's own validation and test metrics
@@ -46,7 +46,7 @@ import pandas as pd
 from raycyto.config import METRICS
 from raycyto.data.decode import is_uri
 from raycyto.errors import ConfigError, RaycytoError
-from raycyto.evidence.layout import export_layout, write_to_bundle
+from raycyto.evidence.layout import config_layout, write_to_bundle
 from raycyto.referral.fit import CalibrationError, calibrate_trial, mc_config, with_rule
 from raycyto.storage import copy_tree
 
@@ -275,10 +275,7 @@ def export_model(exp_dir: str | Path, out: str | Path | None = None, select: str
 
     experiment = exp.meta
     config = yaml.safe_load(exp.config_text) or {}
-    try:
-        chosen_layout = export_layout(config, layout)
-    except ConfigError as e:
-        raise ConfigError("--layout", e.message) from None
+    chosen_layout = config_layout(config, layout)
     mc = {**(meta.get("mc") or {}), **(experiment.get("mc") or {})}
     mc.setdefault("scope", "head")
     if threshold is not None:
