@@ -26,7 +26,7 @@ Ray with its replicas still takes CPU on a 2-core machine). The phases:
      overhead; and from a worker thread, as the replica and the peer run it); then throughput (requests/s) at client
      concurrency 1, 8 and 32 (T=100), the peer's at 32 and the offline batched throughput of
      the same model (decode + batches of ``max_batch_size`` + T passes each, one process, one
-     torch thread), repeated and interleaved;
+     torch thread), each warmed by one unmeasured round, then repeated and interleaved;
   3. the same model with ``inline: false`` (Ingress -> Backbone, one hop more) and under the
      high-throughput setting alone, beside raycyto's and the in-process call (T=100);
   4. evidence (issue 22): a karyogram bundle with a map head (top-3 chromosomes + evidence map
@@ -141,7 +141,8 @@ def _serve_server(a: argparse.Namespace, image: bytes) -> None:
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # as `raycyto serve` runs (no --verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config=quiet)
     small = dict(backbone_num_cpus=0.4, mc_num_cpus=0.1, ingress_num_cpus=0.1, mc_replicas=a.mc_replicas,
-                 max_queued_requests=256, max_ongoing_requests=64, max_batch_size=a.max_batch_size)
+                 max_queued_requests=256, max_ongoing_requests=64, max_batch_size=a.max_batch_size,
+                 batch_wait_timeout_s=a.batch_wait_s)
     bundles = json.loads(a.bundles)
 
     def deploy(names: list[str]) -> None:
@@ -380,6 +381,7 @@ def main() -> None:
     p.add_argument("--full-passes", type=int, default=8, help="T for the full-scope fan-out rows")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs each Ray declares")
     p.add_argument("--max-batch-size", type=int, default=8, help="@serve.batch size (and offline batch)")
+    p.add_argument("--batch-wait-s", type=float, default=0.0, help="@serve.batch wait for a fuller batch")
     p.add_argument("--throughput-repeats", type=int, default=2, help="interleaved repeats of the throughput cells")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are "
                    "(default: MALLOC_ENV in every process)")
@@ -410,7 +412,8 @@ def main() -> None:
         base.update(MALLOC_ENV)  # servers, their Rays and replicas
         _mallopt()  # this process: the in-process reference and the offline throughput
     common = ["--bundles", json.dumps(bundles), "--mc-replicas", str(a.mc_replicas),
-              "--num-cpus", str(a.num_cpus), "--max-batch-size", str(a.max_batch_size)]
+              "--num-cpus", str(a.num_cpus), "--max-batch-size", str(a.max_batch_size),
+              "--batch-wait-s", str(a.batch_wait_s)]
     servers: dict[str, Server] = {}
     clients: dict[str, "httpx.Client"] = {}
 
@@ -483,7 +486,12 @@ def main() -> None:
         for c_ in (1, 8):
             conc[c_] = asyncio.run(_throughput(servers["haproxy"].url, "/head/predict", image, c_, 2 * 16, 100))
         tp: dict[str, list[float]] = {"serve": [], "peer": [], "offline": []}
-        total = max(4 * a.max_batch_size, 64)
+        total = max(16 * a.max_batch_size, 128)  # 4 rounds of 32 at least: a steady state, not a burst
+        # one unmeasured round of each first: the first burst of 32 at a server (and the first
+        # batches offline) ran 10-30% slower than the next ones here
+        _offline_throughput(local, image, total, a.max_batch_size, 100)
+        asyncio.run(_throughput(servers["haproxy"].url, "/head/predict", image, 32, 64, 100))
+        asyncio.run(_throughput(servers["peer"].url, "/predict", image, 32, 64, 100))
         for _ in range(a.throughput_repeats):  # interleaved: offline, Serve, peer
             tp["offline"].append(_offline_throughput(local, image, total, a.max_batch_size, 100))
             tp["serve"].append(asyncio.run(_throughput(servers["haproxy"].url, "/head/predict", image, 32, total, 100)))
