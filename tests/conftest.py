@@ -25,6 +25,29 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 # A proxy not ready within 5 s (Serve's default) is killed and serve.start fails with
 # ActorDiedError; on a 2-core machine running two test files at once its start-up can take longer
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+# Under HAProxy every replica listens on a port of its own, which each Ray's controller hands
+# out from the bottom of one range (30000-31000 HTTP, 40000-41000 gRPC): two Rays on one machine
+# (the two xdist workers; a test's own `serve run`) hand out the same ports, and one Ray's
+# HAProxy reached the other's replica (a 401 from the other app's token, a dropped connection).
+# Each xdist worker gets a slice of its own, and within it ``serve run`` children another half
+# (:func:`direct_ingress_ports`).
+PORT_SLICE = 400
+
+
+def direct_ingress_ports(child: bool = False, worker: str | None = None) -> dict[str, str]:
+    """This xdist worker's direct-ingress port ranges (the upper half for a child Ray)."""
+    n = int((worker or os.environ.get("PYTEST_XDIST_WORKER") or "gw0")[2:] or 0)
+    lo = n * PORT_SLICE + (PORT_SLICE // 2 if child else 0)
+    return {f"RAY_SERVE_DIRECT_INGRESS_{k}_{proto}_PORT": str(base + lo + (PORT_SLICE // 2 if k == "MAX" else 0))
+            for proto, base in (("HTTP", 30000), ("GRPC", 40000)) for k in ("MIN", "MAX")}
+
+
+def pytest_configure(config):
+    """Before any Ray starts: this worker's port slice (xdist names the worker only here)."""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    for k, v in direct_ingress_ports(worker=worker).items():
+        if worker or k not in os.environ:  # a worker inherits the controller's setting: replace it
+            os.environ[k] = v
 
 
 def pytest_collection_modifyitems(config, items):

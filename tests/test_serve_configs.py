@@ -12,7 +12,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import encode_image, free_ports, haproxy_backends  # noqa: E402
+from conftest import direct_ingress_ports, encode_image, free_ports, haproxy_backends  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -46,7 +46,7 @@ def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
     # the variables the YAMLs' comments say to export, and HAProxy ports of its own (the
     # session's Ray may hold the default ones)
     env = {**os.environ, **SERVE_ENV, **dict(zip(HAPROXY_PORT_ENV, map(str, haproxy))),
-           "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local"}
+           "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local", **direct_ingress_ports(child=True)}
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=tmp_path,
