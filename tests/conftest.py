@@ -29,16 +29,18 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 # out from the bottom of one range (30000-31000 HTTP, 40000-41000 gRPC): two Rays on one machine
 # (the two xdist workers; a test's own `serve run`) hand out the same ports, and one Ray's
 # HAProxy reached the other's replica (a 401 from the other app's token, a dropped connection).
-# Each xdist worker gets a slice of its own, and within it ``serve run`` children another half
-# (:func:`direct_ingress_ports`).
+# Each xdist worker gets a slice of its own, split between its own Ray (and children that
+# inherit it), ``serve run`` children and the multi-node clusters of tests/raycluster.py, whose
+# killed nodes may leave a replica behind for a while (:func:`direct_ingress_ports`).
 PORT_SLICE = 400
+PORT_PARTS = {"own": (0, 200), "child": (200, 300), "cluster": (300, 400)}
 
 
-def direct_ingress_ports(child: bool = False, worker: str | None = None) -> dict[str, str]:
-    """This xdist worker's direct-ingress port ranges (the upper half for a child Ray)."""
+def direct_ingress_ports(part: str = "own", worker: str | None = None) -> dict[str, str]:
+    """Direct-ingress port ranges of this xdist worker's ``part`` of its slice."""
     n = int((worker or os.environ.get("PYTEST_XDIST_WORKER") or "gw0")[2:] or 0)
-    lo = n * PORT_SLICE + (PORT_SLICE // 2 if child else 0)
-    return {f"RAY_SERVE_DIRECT_INGRESS_{k}_{proto}_PORT": str(base + lo + (PORT_SLICE // 2 if k == "MAX" else 0))
+    lo, hi = (n * PORT_SLICE + x for x in PORT_PARTS[part])
+    return {f"RAY_SERVE_DIRECT_INGRESS_{k}_{proto}_PORT": str(base + (lo if k == "MIN" else hi))
             for proto, base in (("HTTP", 30000), ("GRPC", 40000)) for k in ("MIN", "MAX")}
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_ports, pids_naming, stop_head
+from conftest import direct_ingress_ports, free_ports, pids_naming, stop_head
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -48,7 +48,8 @@ class LocalCluster:
     @property
     def env(self) -> dict[str, str]:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # an activated venv
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # an activated venv
+               **direct_ingress_ports("cluster")}  # replica ports apart from the test Ray's
         env.pop("RAY_ADDRESS", None)
         return env
 

@@ -46,7 +46,7 @@ def _serve_run(doc: dict, model_dir: Path, tmp_path: Path):
     # the variables the YAMLs' comments say to export, and HAProxy ports of its own (the
     # session's Ray may hold the default ones)
     env = {**os.environ, **SERVE_ENV, **dict(zip(HAPROXY_PORT_ENV, map(str, haproxy))),
-           "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local", **direct_ingress_ports(child=True)}
+           "RAYCYTO_MODEL_DIR": str(model_dir), "RAY_ADDRESS": "local", **direct_ingress_ports("child")}
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=tmp_path,
