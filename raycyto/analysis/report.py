@@ -36,12 +36,12 @@ from raycyto.analysis import plots
 from raycyto.analysis.html import (Headline, Section, chance_warnings, config_html,
                                    data_summary_html, render_page)
 from raycyto.analysis.load import Experiment, load_experiment
-from raycyto.evidence.layout import config_layout
 from raycyto.analysis.metrics import confusion, recall_of
 from raycyto.analysis.tables import (folds_table, hpo_table, mispredictions_table, per_class_table,
                                      resolve_rule, select_best, selection_table, summary_table)
 from raycyto.analysis.uncertainty import (expected_calibration_error, referral_curve,
                                           reliability_bins, top_label)
+from raycyto.evidence.layout import config_layout
 
 Job = tuple[str, str, Callable[[], Path]]
 

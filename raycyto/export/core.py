@@ -22,8 +22,8 @@ guard distances).
 
 ``layout.json`` (checksummed in model.json ``files``) is the karyogram layout that turns the
 evidence map into chromosome names (:func:`raycyto.evidence.layout.config_layout`): the file
-given as ``--layout``, else the sweep config's ``data.layout``, else the built-in one when the sweep trained on raycyto.synth
-karyograms, else none (Serve then gives the map only).
+given as ``--layout``, else the sweep config's ``data.layout``, else the built-in one when the
+sweep trained on raycyto.synth karyograms, else none (Serve then gives the map only).
 
 ``model.json["metrics"]`` carries the exported fold's own validation and test metrics
 (recomputed from predictions.parquet), and the trial's fold means labelled as such. The
